@@ -1,0 +1,35 @@
+"""C4 calibration of a model, computed once and cached on disk per (model, sample size, seed)."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .activations import Histograms, calibrate
+from .config import get_preset
+from .data import c4_calibration
+from .models import cache_dir, model_id
+
+
+def calibration_size(model: nn.Module) -> tuple[int, int]:
+    """(sequences, tokens per sequence): the preset's, else TEAL's 128 x 2048."""
+    try:
+        p = get_preset(model_id(model))
+        return p.calib_sequences, p.calib_seq_len
+    except KeyError:
+        return 128, 2048
+
+
+def cached_histograms(model: nn.Module, tok, sequences: int | None = None, seq_len: int | None = None,
+                      seed: int = 0, progress: bool = True) -> Histograms:
+    """Histograms of `model` on C4 (`sequences` x `seq_len` tokens); cached under TEAL_CACHE_DIR."""
+    default_n, default_len = calibration_size(model)
+    n, length = sequences or default_n, seq_len or default_len
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id(model))
+    path = cache_dir() / "calibration" / f"{name}-c4-{n}x{length}-seed{seed}.safetensors"
+    if path.exists():
+        return Histograms.load(path, model)
+    batches = c4_calibration(tok, n, length, seed)
+    hist = calibrate(model, batches, meta={"data": "c4", "seed": seed}, progress=progress)
+    hist.save(path)
+    return hist

@@ -1,0 +1,147 @@
+"""Apply per-(layer, site) thresholds to a model, in place and reversibly.
+
+Each projection that holds a site is swapped for a `ThresholdedLinear` wrapping the original
+module (weights shared, nothing copied); `remove()` swaps the originals back.
+
+    with sparsify(model, table, prefill="last_half") as sp:
+        model(ids)
+        print(sp.realized())          # realized sparsity per (layer, site)
+
+Prefill protocol (which prompt tokens are sparse; one-token decode steps always are):
+  none       prompt tokens dense (the decode-only setting of TEAL's speed numbers)
+  last_half  the last half of each prompt sparse, as TEAL's evaluations do
+  all        every token sparse
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SITES, check_prefill
+from .models import Site, decoder_layers, model_sites
+
+
+def sparse_mask(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """TEAL's rule: zero the entries with |x| <= t. NaN compares false, so it is kept and propagates."""
+    return x.masked_fill(x.abs() <= t, 0)
+
+
+class ThresholdedLinear(nn.Module):
+    """A linear whose input is thresholded per output segment (one segment per site it holds)."""
+
+    def __init__(self, linear: nn.Linear, segments: list[tuple[int, slice]], thresholds: torch.Tensor,
+                 prefill: str, stats: torch.Tensor):
+        super().__init__()
+        self.linear = linear
+        self.segments = segments            # (site column in SITES order, rows of the output)
+        self.register_buffer("thresholds", thresholds, persistent=False)  # one per segment
+        self.prefill = prefill
+        self.stats = stats                  # this layer's [7, 2] counters: zeros, entries seen while sparse
+
+    @property
+    def weight(self):  # code that reads .weight (e.g. dtype probes) keeps working
+        return self.linear.weight
+
+    def _sparse_positions(self, x: torch.Tensor) -> slice | None:
+        """The slice of the sequence axis to sparsify, None for dense."""
+        t = x.shape[-2] if x.dim() >= 2 else 1
+        if t == 1 or self.prefill == "all":
+            return slice(None)
+        if self.prefill == "last_half":
+            return slice(t // 2, None)
+        return None
+
+    def _masked(self, x: torch.Tensor, i: int, pos: slice | None) -> torch.Tensor:
+        if pos is None:
+            return x
+        t = self.thresholds[i]
+        if x.dim() < 2 or pos == slice(None):
+            xs = sparse_mask(x, t)
+            part = xs
+        else:
+            xs = x.clone()
+            xs[..., pos, :] = part = sparse_mask(x[..., pos, :], t)
+        col = self.segments[i][0]
+        self.stats[col, 0] += (part == 0).sum()  # a device tensor op: no host sync per call
+        self.stats[col, 1] += part.numel()
+        return xs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self._sparse_positions(x)
+        if len(self.segments) == 1:
+            return self.linear(self._masked(x, 0, pos))
+        w, b = self.linear.weight, self.linear.bias
+        outs = [F.linear(self._masked(x, i, pos), w[rows], None if b is None else b[rows])
+                for i, (_, rows) in enumerate(self.segments)]
+        return torch.cat(outs, dim=-1)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class Sparsified:
+    """Handle of a sparsified model: `remove()`, context manager, realized sparsity."""
+
+    def __init__(self, model: nn.Module, thresholds: torch.Tensor, prefill: str):
+        self.model, self.prefill = model, prefill
+        self.swapped: list[tuple[nn.Module, str, nn.Linear]] = []
+        layers, sites = decoder_layers(model), model_sites(model)
+        device = next(model.parameters()).device
+        self.stats = torch.zeros(len(layers), len(SITES), 2, dtype=torch.long, device=device)
+        for li, (layer, layer_sites) in enumerate(zip(layers, sites)):
+            by_linear: dict[str, list[Site]] = {}
+            for site in layer_sites.values():
+                by_linear.setdefault(site.attr, []).append(site)
+            for attr, group in by_linear.items():
+                cols = [SITES.index(s.name) for s in group]
+                lin = group[0].linear
+                t = thresholds[li, cols].to(device=lin.weight.device, dtype=lin.weight.dtype)
+                _set(layer, attr, ThresholdedLinear(lin, [(c, s.rows) for c, s in zip(cols, group)],
+                                                    t, prefill, self.stats[li]))
+                self.swapped.append((layer, attr, lin))
+
+    def realized(self) -> torch.Tensor:
+        """Realized sparsity [L, 7] over the tokens that were sparsified so far (NaN where none were)."""
+        zeros, seen = self.stats[..., 0].cpu().double(), self.stats[..., 1].cpu().double()
+        return torch.where(seen > 0, zeros / seen.clamp_min(1), torch.full_like(seen, float("nan"))).float()
+
+    def reset_stats(self) -> None:
+        self.stats.zero_()
+
+    def remove(self) -> None:
+        for layer, attr, lin in reversed(self.swapped):
+            _set(layer, attr, lin)
+        self.swapped.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def sparsify(model: nn.Module, thresholds, prefill: str = "last_half") -> Sparsified:
+    """Put per-(layer, site) thresholds in front of every projection of `model`, in place.
+
+    `thresholds`: a `ThresholdTable` (checked against the model) or a tensor [L, 7] in SITES order.
+    """
+    from .activations import check_model
+    from .thresholds import ThresholdTable
+
+    check_prefill(prefill)
+    if isinstance(thresholds, ThresholdTable):
+        check_model(thresholds.model, thresholds.n_layers, model, "threshold table")
+        thresholds = thresholds.values
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+    n_layers = len(decoder_layers(model))
+    if thresholds.shape != (n_layers, len(SITES)):
+        raise ValueError(f"thresholds must be [{n_layers}, {len(SITES)}] (layers x {SITES}), "
+                         f"got {tuple(thresholds.shape)}")
+    if thresholds.isnan().any():
+        raise ValueError("thresholds contain NaN")
+    if any(isinstance(m, ThresholdedLinear) for m in model.modules()):
+        raise RuntimeError("model is already sparsified: remove() the previous handle first")
+    return Sparsified(model, thresholds, prefill)
