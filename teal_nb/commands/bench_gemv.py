@@ -1,0 +1,58 @@
+"""`teal-nb bench-gemv`: time the sparse GEMV against cuBLAS on this GPU and record the results."""
+from __future__ import annotations
+
+HELP = "benchmark the Triton sparse GEMV against cuBLAS (one GPU); writes kernels/results/<gpu>/gemv.json"
+
+
+def add_arguments(p):
+    p.add_argument("--out", default=None,
+                   help="results JSON (default kernels/results/<gpu>/gemv.json)")
+    p.add_argument("--shapes", nargs="*", default=None, help="shape names (default: all)")
+    p.add_argument("--dtypes", nargs="*", default=["bf16", "fp16"], choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--sparsities", nargs="*", type=float, default=None)
+    p.add_argument("--n-calls", type=int, default=200, help="calls per CUDA graph")
+    p.add_argument("--reps", type=int, default=10, help="graph replays (median)")
+    p.add_argument("--tune-table", default=None,
+                   help="JSON from kernels/tune_gemv.py whose 'best' configs override the package table")
+
+
+def run(args):
+    import json
+    import os
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("bench-gemv needs a CUDA GPU (the CPU interpreter is for correctness only)")
+    from teal_nb.kernels import bench, tuning
+
+    if args.tune_table:
+        best = json.load(open(args.tune_table))["best"]
+        tuning.TABLE.update({(b["N"], b["K"]): tuple(b["cfg"]) for b in best.values()})
+    shapes = args.shapes or list(bench.SHAPES)
+    unknown = [s for s in shapes if s not in bench.SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shapes {unknown}; known: {list(bench.SHAPES)}")
+    sparsities = tuple(args.sparsities) if args.sparsities else bench.SPARSITIES
+    records, copy = bench.bench(shapes, tuple(args.dtypes), sparsities, args.n_calls, args.reps)
+    prov = bench.provenance("teal-nb bench-gemv " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []))
+    prov["copy_gbps"] = round(copy, 1)
+    prov["configs"] = {f"{n}x{k}": list(tuning.config_for(n, k))
+                       for n, k, _ in (bench.SHAPES[s] for s in shapes)}
+    result = dict(provenance=prov, records=records, layer=bench.layer_summary(records))
+    out = args.out
+    if out is None:
+        gpu = torch.cuda.get_device_name().lower()
+        gpu = "h200" if "h200" in gpu else gpu.replace("nvidia ", "").replace(" ", "-")
+        out = os.path.join("kernels", "results", gpu, "gemv.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"copy {copy:.0f} GB/s; wrote {out}")
+    for row in result["layer"]:
+        print(f"layer {row['dtype']} s={row['sparsity']:<5} ideal {row['ideal']:5.2f}  "
+              f"unfused {row.get('speedup_unfused', float('nan')):5.2f}x  "
+              f"fused {row.get('speedup_fused', float('nan')):5.2f}x")
+    print(bench.table(records))
+    return 0

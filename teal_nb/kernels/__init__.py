@@ -1,0 +1,25 @@
+"""Triton kernels and their pure-torch references.
+
+Sparse GEMV (TEAL's decode kernel), the API the decoder uses::
+
+    from teal_nb.kernels import prepare_weight, sparse_gemv, sparse_gemv_reference
+
+    wt = prepare_weight(w)          # w: [N, K] nn.Linear weight (or a list to fuse, e.g. [wq, wk, wv])
+                                    # -> W^T contiguous [K, N]; done once, outside the decode step
+    y = sparse_gemv(x, wt, thresholds, splits=None, bias=None)
+        # x: [..., K]; thresholds: fp32 tensor [len(splits)], one per output segment
+        # (fused QKV -> 3, fused gate/up -> 2, single -> 1); splits: output sizes summing to N
+        # (None = one segment). Entries with |x| <= t are treated as zero (keep |x| > t; NaN is
+        # dropped, +-inf kept unless t = inf). Returns [..., N] in x's dtype, fp32 accumulation.
+    y_ref = sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None)   # pure torch, fp32
+
+`sparse_gemv` is the torch custom op `torch.ops.teal_nb.sparse_gemv` (torch.compile and CUDA
+graphs capture it). One token (x with one row) runs the Triton kernel on a GPU, or on CPU when
+TRITON_INTERPRET=1 was set before this package was imported; several rows on a GPU mask x
+explicitly and run cuBLAS per segment; on CPU without the interpreter it runs the reference.
+The kernel keeps a per-device scratch buffer that it leaves zeroed after every call: calls on
+one device must be ordered (one stream), as they are in a decode loop.
+"""
+from .sparse_gemv import prepare_weight, sparse_gemv, sparse_gemv_reference
+
+__all__ = ["prepare_weight", "sparse_gemv", "sparse_gemv_reference"]

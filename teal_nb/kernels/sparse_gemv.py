@@ -1,0 +1,297 @@
+"""Fused threshold + input-sparse GEMV for one decode token, and its pure-torch reference.
+
+y[n] = sum_k  x[k] * [|x[k]| > t(n)] * W[n, k]          (t(n): the threshold of n's segment)
+
+At batch 1 a decoder projection is a matrix-vector product whose cost is reading W. If x[k] is
+zeroed, column k of W is never needed. We store W transposed, `wt = W.T` with shape [K, N], so
+that input channel k is one contiguous row of `wt`: skipping it skips whole 128-byte sectors.
+
+The kernel (one launch, no zero-fill):
+
+* The grid is (N / BLOCK_N) x (K / BLOCK_K): program (i, j) owns the tile
+  wt[j*BLOCK_K : (j+1)*BLOCK_K, i*BLOCK_N : (i+1)*BLOCK_N]. Many small K slices ("split-K") give
+  the GPU enough independent loads in flight to saturate HBM even for N = 1024.
+* It loads its BLOCK_K entries of x, keeps the rows with |x| > t, and loads only those rows of
+  its tile (a masked load: a masked-off row issues no memory transaction). Products are summed
+  in fp32 over the K axis, giving BLOCK_N partial sums.
+* The partial sums of the K slices of one output block are combined without a second launch:
+  REDUCE=0 adds them with fp32 atomics into a scratch vector; REDUCE=1 stores them into a
+  scratch matrix [SPLIT_K, N] (deterministic). Then each program increments the block's arrival
+  counter; the program that arrives last reads the total (REDUCE=0: the sum and store zeros, leaving the scratch clean; REDUCE=1: sums the slices in a fixed order),
+  adds the bias, writes y in the output dtype and resets the counter. Scratch is allocated once
+  per device and always left clean, so no zero-fill pass is needed and any output dtype works.
+* Fused projections (QKV, gate/up) pass one threshold per output segment; a program's segment
+  is the one its first output column falls in (segments are multiples of BLOCK_N, the wrapper
+  shrinks BLOCK_N until they are, or launches per segment).
+
+NaN and inf: the rule is TEAL's, keep x[k] iff |x[k]| > t. NaN compares false, so a NaN input is
+dropped (treated as zero, it never reaches y); +-inf is kept unless t = inf and then gives +-inf
+(or NaN when +inf and -inf meet) as the dense product would. Kernel and reference follow the same
+rule. A weight that is NaN/inf in a skipped row is never read by the kernel (the reference
+multiplies it by 0 and gets NaN); weights are assumed finite.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+try:  # Triton is optional: without it everything runs through the reference.
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+# Triton's CPU interpreter must be chosen before the kernel is defined (i.e. at import).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
+    splits = (n,) if splits is None else tuple(int(s) for s in splits)
+    if sum(splits) != n or any(s <= 0 for s in splits):
+        raise ValueError(f"splits {splits} must be positive and sum to N={n}")
+    return splits
+
+
+def _check(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, splits):
+    if wt.dim() != 2:
+        raise ValueError(f"wt must be [K, N] (from prepare_weight), got {tuple(wt.shape)}")
+    K, N = wt.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, wt expects K={K}")
+    splits = _splits(splits, N)
+    if thresholds.numel() != len(splits):
+        raise ValueError(f"{thresholds.numel()} thresholds for {len(splits)} segments")
+    return K, N, splits
+
+
+# ----------------------------------------------------------------------------- reference
+
+def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None):
+    """Pure torch, fp32: mask x per segment (keep |x| > t), multiply by that segment's columns."""
+    K, N, splits = _check(x, wt, thresholds, splits)
+    xf = x.float()
+    thr = thresholds.detach().float().reshape(-1).to(x.device)
+    outs, start = [], 0
+    for i, n in enumerate(splits):
+        xm = torch.where(xf.abs() > thr[i], xf, torch.zeros((), device=x.device))
+        outs.append(xm @ wt[:, start:start + n].float())
+        start += n
+    y = torch.cat(outs, dim=-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _sparse_gemv_kernel(
+        x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr,
+        N, K, stride_wk, B1, B2,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        split_k = tl.num_programs(1)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+
+        # This output block's segment (fused QKV: 0, 1, 2) picks its threshold.
+        seg = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
+        t = tl.load(thr_ptr + seg)
+
+        # The fused threshold: keep input channel k iff |x[k]| > t (NaN > t is False: dropped).
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_k).to(tl.float32)
+            keep = tl.abs(x) > t
+        else:
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            keep = (tl.abs(x) > t) & (offs_k < K)
+        x = tl.where(keep, x, 0.0)
+
+        # Load only the kept rows of the [BLOCK_K, BLOCK_N] tile of W^T: a row of W^T is one
+        # input channel, contiguous in memory, so a dropped channel costs no memory traffic.
+        w_ptrs = wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :]
+        if EVEN_N:
+            w = tl.load(w_ptrs, mask=keep[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=keep[:, None] & (offs_n[None, :] < N), other=0.0)
+        part = tl.sum(w.to(tl.float32) * x[:, None], axis=0)  # [BLOCK_N] fp32
+
+        if split_k == 1:
+            if HAS_BIAS:
+                part += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, part, mask=offs_n < N)
+        else:
+            if REDUCE == 0:
+                # fp32 atomics into a scratch vector that the last program zeroes again.
+                tl.atomic_add(acc_ptr + offs_n, part, mask=offs_n < N, sem="relaxed")
+            else:
+                # Deterministic: one row of partial sums per K slice.
+                tl.store(acc_ptr + pid_k * N + offs_n, part, mask=offs_n < N)
+            tl.debug_barrier()  # every thread's partials issued before the arrival is signalled
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == split_k - 1:  # the last program of this output block finishes it
+                if REDUCE == 0:
+                    # All K slices have added (acquired through the counter): read the sum
+                    # from L2 and leave the scratch zeroed for the next call.
+                    total = tl.load(acc_ptr + offs_n, mask=offs_n < N, other=0.0,
+                                    cache_modifier=".cg")
+                    tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=offs_n < N)
+                else:
+                    total = tl.zeros([BLOCK_N], tl.float32)
+                    for j in range(0, split_k):
+                        total += tl.load(acc_ptr + j * N + offs_n, mask=offs_n < N, other=0.0,
+                                         cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+                tl.store(y_ptr + offs_n, total, mask=offs_n < N)  # cast to y's dtype on store
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+
+
+# Scratch (fp32 accumulator / partials and int32 arrival counters), one set per device, always
+# left zeroed by the kernel itself. Grown (never shrunk) on demand; prepare_weight pre-grows it
+# so that nothing is allocated inside a captured CUDA graph.
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device, n_acc: int, n_part: int, n_cnt: int):
+    """(zeroed fp32 accumulator, fp32 partials (no init needed), zeroed int32 counters)."""
+    key = (device.type, device.index)
+    acc, part, cnt = _SCRATCH.get(key, (None, None, None))
+    if acc is None or acc.numel() < n_acc:
+        acc = torch.zeros(max(n_acc, 1 << 15), dtype=torch.float32, device=device)
+    if part is None or part.numel() < n_part:
+        part = torch.empty(max(n_part, 1 << 15), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < n_cnt:
+        cnt = torch.zeros(max(n_cnt, 1 << 12), dtype=torch.int32, device=device)
+    _SCRATCH[key] = (acc, part, cnt)
+    return acc, part, cnt
+
+
+def _fit_block_n(block_n: int, block_k: int, splits) -> tuple[int, int]:
+    """Shrink BLOCK_N (growing BLOCK_K to keep the tile size) until it divides every segment."""
+    bounds = splits[:-1]
+    while block_n > 16 and any(s % block_n for s in bounds):
+        block_n //= 2
+        block_k *= 2
+    return block_n, block_k
+
+
+def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg) -> torch.Tensor:
+    """One token: x1 [K] contiguous -> y [N] in x1's dtype. cfg = (BLOCK_N, BLOCK_K, warps, REDUCE)."""
+    K, N = wt.shape
+    block_n, block_k, num_warps, reduce = cfg
+    block_n, block_k = _fit_block_n(block_n, block_k, splits)
+    block_n = min(block_n, triton.next_power_of_2(N))
+    block_k = min(block_k, triton.next_power_of_2(K))
+    y = torch.empty(N, dtype=x1.dtype, device=x1.device)
+    bounds = list(splits[:-1])
+    if any(b % block_n for b in bounds):  # segments not aligned to any usable block: one launch each
+        start = 0
+        for i, n in enumerate(splits):
+            sub_bias = None if bias is None else bias[start:start + n]
+            y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias,
+                                         (block_n, block_k, num_warps, reduce))
+            start += n
+        return y
+    b1 = bounds[0] if len(bounds) >= 1 else N
+    b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
+    if len(bounds) > 2:
+        raise ValueError("at most 3 segments per fused launch")
+    grid_n = triton.cdiv(N, block_n)
+    split_k = triton.cdiv(K, block_k)
+    acc, part, cnt = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n)
+    _sparse_gemv_kernel[(grid_n, split_k)](
+        x1, wt, thr, bias if bias is not None else y, y, part if reduce else acc, cnt,
+        N, K, wt.stride(0), b1, b2,
+        BLOCK_N=block_n, BLOCK_K=block_k, REDUCE=reduce, HAS_BIAS=bias is not None,
+        EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0, num_warps=num_warps,
+    )
+    return y
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return HAVE_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+
+
+def _sparse_gemv_impl(x, wt, thresholds, splits, bias):
+    from .tuning import config_for
+
+    K, N, splits = _check(x, wt, thresholds, splits)
+    rows = x.numel() // K if K else 0
+    if rows != 1 or not _use_triton(x) or wt.stride(1) != 1:
+        if rows == 1 or not x.is_cuda:
+            return sparse_gemv_reference(x, wt, thresholds, splits, bias)
+        # Several tokens: mask explicitly, then one dense product per segment (cuBLAS).
+        thr = thresholds.float().reshape(-1)
+        outs, start = [], 0
+        for i, n in enumerate(splits):
+            xm = torch.where(x.float().abs() > thr[i], x, torch.zeros((), dtype=x.dtype, device=x.device))
+            outs.append(xm @ wt[:, start:start + n].to(x.dtype))
+            start += n
+        y = torch.cat(outs, dim=-1)
+        return y if bias is None else y + bias.to(y.dtype)
+    thr = thresholds.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
+    y = _launch(x.reshape(K).contiguous(), wt, thr, splits, bias, config_for(N, K))
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------- custom op
+
+@torch.library.custom_op("teal_nb::sparse_gemv", mutates_args=())
+def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
+                    splits: list[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _sparse_gemv_impl(x, wt, thresholds, splits, bias)
+
+
+@_sparse_gemv_op.register_fake
+def _(x, wt, thresholds, splits, bias=None):
+    return x.new_empty(*x.shape[:-1], wt.shape[1])
+
+
+def sparse_gemv(x, wt, thresholds, splits=None, bias=None):
+    """y = (x masked by |x| > t per output segment) @ wt, in x's dtype.
+
+    x: [..., K]; wt: [K, N] from prepare_weight; thresholds: fp32 [len(splits)];
+    splits: output sizes summing to N (None: one segment); bias: [N] or None.
+    One row of x runs the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); several rows on
+    a GPU mask explicitly and use cuBLAS; anything else runs the reference.
+    """
+    if not torch.is_tensor(thresholds):
+        thresholds = torch.tensor(thresholds, dtype=torch.float32)
+    thresholds = thresholds.reshape(-1)
+    if thresholds.device != x.device:
+        thresholds = thresholds.to(x.device)
+    splits = list(_splits(splits, wt.shape[-1]))
+    return _sparse_gemv_op(x, wt, thresholds, splits, bias)
+
+
+def prepare_weight(w) -> torch.Tensor:
+    """nn.Linear weight(s) [N, K] -> the kernel's layout W^T [K, N], contiguous. Done once.
+
+    A list/tuple of weights (e.g. [wq, wk, wv]) is concatenated along N first: the fused
+    projection, called with splits=(Nq, Nk, Nv) and one threshold per segment.
+    """
+    if isinstance(w, (list, tuple)):
+        w = torch.cat([wi.detach() for wi in w], dim=0)
+    wt = w.detach().t().contiguous()
+    if _use_triton(wt):
+        from .tuning import config_for
+
+        K, N = wt.shape
+        bn, bk, _, reduce = config_for(N, K)
+        _scratch(wt.device, N, N * triton.cdiv(K, max(1, min(bk, K))) if reduce else 0,
+                 triton.cdiv(N, 16))
+    return wt

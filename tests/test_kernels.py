@@ -1,0 +1,220 @@
+"""Sparse GEMV kernel vs its pure-torch reference.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest.py before the kernel is
+defined), so shapes stay small; block sizes are forced small too (`_launch` with an explicit
+config) so that odd shapes span several output blocks and several K slices (split-K, the
+arrival counter and both reductions are exercised). On a GPU the same tests run compiled.
+"""
+import math
+
+import pytest
+import torch
+
+from teal_nb.kernels import prepare_weight, sparse_gemv, sparse_gemv_reference
+from teal_nb.kernels.sparse_gemv import HAVE_TRITON, INTERPRET, _launch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL = HAVE_TRITON and (DEV == "cuda" or INTERPRET)
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="no GPU and TRITON_INTERPRET is not set")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (BLOCK_N, BLOCK_K, num_warps, REDUCE): small blocks so that odd shapes need several of each.
+CFGS = [(32, 16, 4, 0), (16, 32, 4, 1), (64, 64, 4, 0)]
+# Tolerance: fp32 accumulation of products of dtype inputs; the output is rounded to the dtype.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make(N, K, dtype, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    x = torch.randn(K, generator=g).to(dtype)
+    t = float(torch.quantile(x.float().abs(), s)) if s > 0 else 0.0
+    return w.to(DEV), x.to(DEV), t
+
+
+def ref32(x, wt, thr, splits=None, bias=None):
+    """The reference in fp32 throughout (output not rounded to x's dtype)."""
+    return sparse_gemv_reference(x.float(), wt, thr, splits, None if bias is None else bias.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,K", [(100, 70), (33, 129), (257, 48)])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.9])
+def test_odd_shapes(dtype, N, K, s):
+    w, x, t = make(N, K, dtype, s, seed=N + K)
+    wt = prepare_weight(w)
+    thr = torch.tensor([t], device=DEV)
+    ref = ref32(x, wt, thr)
+    for cfg in CFGS:
+        y = _launch(x, wt, thr, (N,), None, cfg)
+        assert y.dtype == dtype and y.shape == (N,)
+        assert rel_err(y, ref) < TOL[dtype], cfg
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("s", [0.0, 0.25, 0.5, 0.65, 0.8, 0.99])
+def test_sparsities_public_api(dtype, s):
+    N, K = 96, 160
+    w, x, t = make(N, K, dtype, s, seed=int(100 * s))
+    wt = prepare_weight(w)
+    thr = torch.tensor([t], device=DEV)
+    y = sparse_gemv(x[None], wt, thr)  # [1, K] -> [1, N], default (tuned) config
+    assert y.shape == (1, N) and y.dtype == dtype
+    ref = ref32(x[None], wt, thr)
+    assert rel_err(y, ref) < TOL[dtype]
+    # the dropped fraction is what was asked for
+    assert abs(float((x.float().abs() <= t).float().mean()) - s) <= 1.5 / K + (0 if s else 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keep_all_keep_none(dtype):
+    N, K = 50, 90
+    w, x, _ = make(N, K, dtype, 0.0)
+    x = torch.where(x == 0, torch.ones_like(x), x)
+    wt = prepare_weight(w)
+    dense = (x.float() @ w.float().t())
+    for t in (-1.0, 0.0):  # keeps everything
+        y = _launch(x, wt, torch.tensor([t], device=DEV), (N,), None, CFGS[0])
+        assert rel_err(y, dense) < TOL[dtype]
+    y = _launch(x, wt, torch.tensor([math.inf], device=DEV), (N,), None, CFGS[1])  # keeps nothing
+    assert torch.equal(y.float(), torch.zeros(N, device=DEV))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", CFGS[:2])
+def test_nan_inf_like_reference(dtype, cfg):
+    """Rule: keep |x| > t. NaN compares false -> dropped; +-inf kept unless t = inf."""
+    N, K = 40, 48
+    w, x, t = make(N, K, dtype, 0.3)
+    x[3] = float("nan")
+    wt = prepare_weight(w)
+    thr = torch.tensor([t], device=DEV)
+    y = _launch(x, wt, thr, (N,), None, cfg)
+    ref = sparse_gemv_reference(x, wt, thr)
+    assert not y.isnan().any()  # the NaN channel was dropped
+    assert rel_err(y, ref) < TOL[dtype]
+    x[7] = float("inf")
+    x[9] = float("-inf")
+    y = _launch(x, wt, thr, (N,), None, cfg)
+    ref = sparse_gemv_reference(x, wt, thr)
+    assert torch.equal(y.isnan(), ref.isnan())
+    assert torch.equal(y.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    assert torch.equal(y[~fin].float().nan_to_num(), ref[~fin].float().nan_to_num())
+    # t = inf drops the infinities too
+    inf_thr = torch.tensor([math.inf], device=DEV)
+    assert torch.equal(_launch(x, wt, inf_thr, (N,), None, cfg).float(), torch.zeros(N, device=DEV))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_segments_and_bias(dtype):
+    """Fused QKV-like: one launch, three thresholds; splits aligned and not aligned to BLOCK_N."""
+    for splits in [(64, 32, 32), (48, 24, 24), (40, 40)]:
+        N, K = sum(splits), 72
+        w, x, _ = make(N, K, dtype, 0.0, seed=N)
+        q = torch.tensor([0.2, 0.5, 0.8][:len(splits)])
+        thr = torch.quantile(x.float().abs().cpu(), q).float().to(DEV)
+        bias = torch.randn(N).to(dtype).to(DEV)
+        wt = prepare_weight(w)
+        ref = ref32(x, wt, thr, splits, bias)
+        for cfg in CFGS[:2]:
+            y = _launch(x, wt, thr, splits, bias, cfg)
+            assert rel_err(y, ref) < TOL[dtype], (splits, cfg)
+        # the segments really use different thresholds
+        one = ref32(x, wt, thr[:1].expand(len(splits)).contiguous(), splits, bias)
+        assert rel_err(one, ref) > 1e-2
+        y = sparse_gemv(x, wt, thr, splits, bias)
+        assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_prepare_weight_fuses_lists():
+    wq, wk = torch.randn(8, 6), torch.randn(4, 6)
+    wt = prepare_weight([wq, wk])
+    assert wt.shape == (6, 12) and wt.is_contiguous()
+    assert torch.equal(wt, torch.cat([wq, wk]).t())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_row_path(dtype):
+    """Several tokens never take the one-token kernel, and are still right."""
+    N, K = 48, 40
+    w, _, _ = make(N, K, dtype, 0.0)
+    x = torch.randn(2, 3, K).to(dtype).to(DEV)
+    thr = torch.tensor([0.3, 0.7], device=DEV)
+    wt = prepare_weight(w)
+    y = sparse_gemv(x, wt, thr, (16, 32))
+    assert y.shape == (2, 3, N) and y.dtype == dtype
+    assert rel_err(y, ref32(x, wt, thr, (16, 32))) < TOL[dtype]
+
+
+def test_reference_masks_explicitly():
+    x = torch.tensor([0.1, -0.5, 2.0, float("nan")])
+    wt = torch.eye(4)
+    y = sparse_gemv_reference(x, wt, torch.tensor([0.4]))
+    assert torch.equal(y, torch.tensor([0.0, -0.5, 2.0, 0.0]))
+
+
+def test_bad_arguments():
+    wt = torch.zeros(4, 6)
+    with pytest.raises(ValueError):
+        sparse_gemv(torch.zeros(5), wt, torch.tensor([0.0]))
+    with pytest.raises(ValueError):
+        sparse_gemv(torch.zeros(4), wt, torch.tensor([0.0, 1.0]), (3, 2))
+    with pytest.raises(ValueError):
+        sparse_gemv(torch.zeros(4), wt, torch.tensor([0.0]), (3, 3))
+
+
+@needs_kernel
+def test_custom_op_under_torch_compile():
+    """The op traces (fake impl) and runs inside a compiled graph.
+
+    backend="aot_eager" checks the op's registration and fake tensor without compiling C++ /
+    Triton code for the surrounding graph (inductor on CPU needs a C++ toolchain and minutes).
+    """
+    N, K = 24, 32
+    w, x, t = make(N, K, torch.float32, 0.5)
+    wt = prepare_weight(w)
+    thr = torch.tensor([t], device=DEV)
+
+    def f(x):
+        return torch.relu(sparse_gemv(x, wt, thr)) * 2
+
+    torch._dynamo.reset()
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x[None])
+    assert rel_err(y, torch.relu(ref32(x[None], wt, thr)) * 2) < 1e-5
+    assert hasattr(torch.ops.teal_nb, "sparse_gemv")
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_determinism():
+    N, K = 4096, 4096
+    for dtype in (torch.bfloat16, torch.float16):
+        w, x, t = make(N, K, dtype, 0.5)
+        wt = prepare_weight(w)
+        thr = torch.tensor([t], device=DEV)
+        ref = ref32(x, wt, thr)
+        y = sparse_gemv(x, wt, thr)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = sparse_gemv(x, wt, thr)
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            assert rel_err(yg, ref) < TOL[dtype]
+        for red in (0, 1):
+            outs = [_launch(x, wt, thr, (N,), None, (256, 32, 8, red)) for _ in range(20)]
+            for o in outs:
+                assert rel_err(o, ref) < TOL[dtype]
+            if red == 1:  # fixed summation order: bitwise reproducible
+                assert all(torch.equal(o, outs[0]) for o in outs)
