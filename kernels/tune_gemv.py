@@ -3,7 +3,7 @@
     python kernels/tune_gemv.py --out kernels/results/h200/gemv_tune.json
 
 For every shape of teal_nb.kernels.bench.SHAPES (bf16; fp16 moves the same bytes) and every
-config (BLOCK_N, BLOCK_K, num_warps, REDUCE), the kernel is timed with the bench's CUDA-graph
+config (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE), the kernel is timed with the bench's CUDA-graph
 timer at sparsities 0, 0.5 and 0.8. The chosen config of a shape minimises the sum over those
 sparsities of time / best time at that sparsity. The choice is pasted into
 teal_nb/kernels/tuning.py (TABLE) by hand and committed.
@@ -22,11 +22,15 @@ SPARS = (0.0, 0.5, 0.8)
 
 
 def configs():
-    for bn, bk, warps, red in itertools.product((64, 128, 256, 512), (4, 8, 16, 32, 64, 128),
-                                                (4, 8), (0, 1)):
+    tiles = [(64, 32), (64, 64), (128, 16), (128, 32), (128, 64), (256, 8), (256, 16), (256, 32),
+             (512, 8), (512, 16)]
+    for bn, bk in tiles:
         tile = bn * bk
-        if 2048 <= tile <= 65536 and not (tile <= 4096 and warps == 8) and not (tile >= 32768 and warps == 4):
-            yield (bn, bk, warps, red)
+        for warps in ((4,) if tile <= 4096 else (4, 8)):
+            for pps in (1, 2, 4, 8):
+                yield (bn, bk, warps, pps, 0)
+            for pps in (2, 4):
+                yield (bn, bk, warps, pps, 1)
 
 
 def choose(raw):

@@ -18,8 +18,9 @@ KERNEL = HAVE_TRITON and (DEV == "cuda" or INTERPRET)
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="no GPU and TRITON_INTERPRET is not set")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (BLOCK_N, BLOCK_K, num_warps, REDUCE): small blocks so that odd shapes need several of each.
-CFGS = [(32, 16, 4, 0), (16, 32, 4, 1), (64, 64, 4, 0)]
+# (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE): small blocks so that odd shapes need
+# several output blocks, K slices and tiles per slice.
+CFGS = [(32, 16, 4, 2, 0), (16, 8, 4, 3, 1), (64, 64, 4, 4, 0)]
 # Tolerance: fp32 accumulation of products of dtype inputs; the output is rounded to the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -213,7 +214,7 @@ def test_cuda_graph_capture_and_determinism():
             torch.cuda.synchronize()
             assert rel_err(yg, ref) < TOL[dtype]
         for red in (0, 1):
-            outs = [_launch(x, wt, thr, (N,), None, (256, 32, 8, red)) for _ in range(20)]
+            outs = [_launch(x, wt, thr, (N,), None, (256, 32, 8, 4, red)) for _ in range(20)]
             for o in outs:
                 assert rel_err(o, ref) < TOL[dtype]
             if red == 1:  # fixed summation order: bitwise reproducible

@@ -8,12 +8,16 @@ that input channel k is one contiguous row of `wt`: skipping it skips whole 128-
 
 The kernel (one launch, no zero-fill):
 
-* The grid is (N / BLOCK_N) x (K / BLOCK_K): program (i, j) owns the tile
-  wt[j*BLOCK_K : (j+1)*BLOCK_K, i*BLOCK_N : (i+1)*BLOCK_N]. Many small K slices ("split-K") give
-  the GPU enough independent loads in flight to saturate HBM even for N = 1024.
-* It loads its BLOCK_K entries of x, keeps the rows with |x| > t, and loads only those rows of
-  its tile (a masked load: a masked-off row issues no memory transaction). Products are summed
-  in fp32 over the K axis, giving BLOCK_N partial sums.
+* The grid is (N / BLOCK_N) x SPLIT_K: program (i, j) owns output columns
+  i*BLOCK_N : (i+1)*BLOCK_N and one K slice of ITERS tiles of BLOCK_K input channels. SPLIT_K is
+  chosen so that there are a few programs per SM (about one wave): each program then streams
+  a long slice and pays its fixed costs (the x load before the first W load, the arrival counter
+  at the end) once. A first version with one tile per program and thousands of programs spent
+  most of its time in those fixed costs (see kernels/README.md).
+* For each tile it loads BLOCK_K entries of x, keeps the rows with |x| > t, and loads only those
+  rows of the W^T tile (a masked load: a masked-off row issues no memory transaction). The loop
+  is software-pipelined by hand: the next tile's W load is issued before the current tile's
+  multiply-add, and x two tiles ahead, so loads stay in flight. Products are summed in fp32.
 * The partial sums of the K slices of one output block are combined without a second launch:
   REDUCE=0 adds them with fp32 atomics into a scratch vector; REDUCE=1 stores them into a
   scratch matrix [SPLIT_K, N] (deterministic). Then each program increments the block's arrival
@@ -95,68 +99,89 @@ if HAVE_TRITON:
     @triton.jit
     def _sparse_gemv_kernel(
         x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr,
-        N, K, stride_wk, B1, B2,
+        N, K, stride_wk, B1, B2, ITERS,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+        REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         split_k = tl.num_programs(1)
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-
+        nmask = offs_n < N
         # This output block's segment (fused QKV: 0, 1, 2) picks its threshold.
         seg = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
         t = tl.load(thr_ptr + seg)
 
-        # The fused threshold: keep input channel k iff |x[k]| > t (NaN > t is False: dropped).
-        if EVEN_K:
-            x = tl.load(x_ptr + offs_k).to(tl.float32)
-            keep = tl.abs(x) > t
-        else:
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            keep = (tl.abs(x) > t) & (offs_k < K)
-        x = tl.where(keep, x, 0.0)
+        # This program's K slice: ITERS tiles of BLOCK_K input channels.
+        k0 = pid_k * ITERS * BLOCK_K
+        ar_k = tl.arange(0, BLOCK_K)
+        w_base = wt_ptr + offs_n[None, :]
 
-        # Load only the kept rows of the [BLOCK_K, BLOCK_N] tile of W^T: a row of W^T is one
-        # input channel, contiguous in memory, so a dropped channel costs no memory traffic.
-        w_ptrs = wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :]
+        # Software pipeline by hand (registers, works in the interpreter too): the x tile is
+        # loaded two steps ahead and the W tile one step ahead of the multiply-add, so each
+        # program keeps a W tile in flight while it multiplies the previous one.
+        offs_k = k0 + ar_k
+        x_cur = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        # The fused threshold: keep channel k iff |x[k]| > t (NaN > t is False: dropped).
+        keep = (tl.abs(x_cur) > t) & (offs_k < K)
+        x_cur = tl.where(keep, x_cur, 0.0)
+        # Only kept rows of the W^T tile are loaded: a row of W^T is one input channel,
+        # contiguous in memory, so a dropped channel costs no memory traffic.
         if EVEN_N:
-            w = tl.load(w_ptrs, mask=keep[:, None], other=0.0)
+            w_cur = tl.load(w_base + offs_k[:, None] * stride_wk, mask=keep[:, None], other=0.0)
         else:
-            w = tl.load(w_ptrs, mask=keep[:, None] & (offs_n[None, :] < N), other=0.0)
-        part = tl.sum(w.to(tl.float32) * x[:, None], axis=0)  # [BLOCK_N] fp32
+            w_cur = tl.load(w_base + offs_k[:, None] * stride_wk,
+                            mask=keep[:, None] & nmask[None, :], other=0.0)
+        offs_k = k0 + BLOCK_K + ar_k
+        x_nxt = tl.load(x_ptr + offs_k, mask=(offs_k < K) & (ITERS > 1), other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for i in range(1, ITERS):
+            offs_k = k0 + i * BLOCK_K + ar_k
+            keep = (tl.abs(x_nxt) > t) & (offs_k < K)
+            x_nxt = tl.where(keep, x_nxt, 0.0)
+            if EVEN_N:
+                w_nxt = tl.load(w_base + offs_k[:, None] * stride_wk, mask=keep[:, None], other=0.0)
+            else:
+                w_nxt = tl.load(w_base + offs_k[:, None] * stride_wk,
+                                mask=keep[:, None] & nmask[None, :], other=0.0)
+            offs_k2 = offs_k + BLOCK_K
+            x_nn = tl.load(x_ptr + offs_k2, mask=(offs_k2 < K) & (i + 1 < ITERS),
+                           other=0.0).to(tl.float32)
+            acc += w_cur.to(tl.float32) * x_cur[:, None]
+            x_cur = x_nxt
+            w_cur = w_nxt
+            x_nxt = x_nn
+        acc += w_cur.to(tl.float32) * x_cur[:, None]
+        part = tl.sum(acc, axis=0)  # [BLOCK_N] fp32 partial sums of this K slice
 
         if split_k == 1:
             if HAS_BIAS:
-                part += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs_n, part, mask=offs_n < N)
+                part += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, part, mask=nmask)  # cast to y's dtype on store
         else:
             if REDUCE == 0:
                 # fp32 atomics into a scratch vector that the last program zeroes again.
-                tl.atomic_add(acc_ptr + offs_n, part, mask=offs_n < N, sem="relaxed")
+                tl.atomic_add(acc_ptr + offs_n, part, mask=nmask, sem="relaxed")
             else:
                 # Deterministic: one row of partial sums per K slice.
-                tl.store(acc_ptr + pid_k * N + offs_n, part, mask=offs_n < N)
+                tl.store(acc_ptr + pid_k * N + offs_n, part, mask=nmask)
             tl.debug_barrier()  # every thread's partials issued before the arrival is signalled
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == split_k - 1:  # the last program of this output block finishes it
                 if REDUCE == 0:
                     # All K slices have added (acquired through the counter): read the sum
                     # from L2 and leave the scratch zeroed for the next call.
-                    total = tl.load(acc_ptr + offs_n, mask=offs_n < N, other=0.0,
-                                    cache_modifier=".cg")
-                    tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=offs_n < N)
+                    total = tl.load(acc_ptr + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+                    tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=nmask)
                 else:
                     total = tl.zeros([BLOCK_N], tl.float32)
                     for j in range(0, split_k):
-                        total += tl.load(acc_ptr + j * N + offs_n, mask=offs_n < N, other=0.0,
+                        total += tl.load(acc_ptr + j * N + offs_n, mask=nmask, other=0.0,
                                          cache_modifier=".cg")
                 if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-                tl.store(y_ptr + offs_n, total, mask=offs_n < N)  # cast to y's dtype on store
+                    total += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + offs_n, total, mask=nmask)  # cast to y's dtype on store
                 tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
 
 
@@ -189,10 +214,35 @@ def _fit_block_n(block_n: int, block_k: int, splits) -> tuple[int, int]:
     return block_n, block_k
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few K slices, to exercise split-K
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def _grid(N, K, block_n, block_k, progs_per_sm, device):
+    """(grid_n, split_k, iters): about progs_per_sm programs per SM, each ITERS tiles long."""
+    grid_n = triton.cdiv(N, block_n)
+    k_tiles = triton.cdiv(K, block_k)
+    want = max(1, round(progs_per_sm * _sm_count(device) / grid_n))
+    iters = triton.cdiv(k_tiles, min(want, k_tiles))
+    return grid_n, triton.cdiv(k_tiles, iters), iters
+
+
 def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg) -> torch.Tensor:
-    """One token: x1 [K] contiguous -> y [N] in x1's dtype. cfg = (BLOCK_N, BLOCK_K, warps, REDUCE)."""
+    """One token: x1 [K] contiguous -> y [N] in x1's dtype.
+
+    cfg = (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE): tile shape, warps per program,
+    how many programs per SM the split-K grid aims at, and the split-K reduction (0 atomic, 1
+    deterministic).
+    """
     K, N = wt.shape
-    block_n, block_k, num_warps, reduce = cfg
+    block_n, block_k, num_warps, pps, reduce = cfg
     block_n, block_k = _fit_block_n(block_n, block_k, splits)
     block_n = min(block_n, triton.next_power_of_2(N))
     block_k = min(block_k, triton.next_power_of_2(K))
@@ -203,21 +253,20 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
             y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias,
-                                         (block_n, block_k, num_warps, reduce))
+                                         (block_n, block_k, num_warps, pps, reduce))
             start += n
         return y
-    b1 = bounds[0] if len(bounds) >= 1 else N
-    b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
     if len(bounds) > 2:
         raise ValueError("at most 3 segments per fused launch")
-    grid_n = triton.cdiv(N, block_n)
-    split_k = triton.cdiv(K, block_k)
+    b1 = bounds[0] if len(bounds) >= 1 else N
+    b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
+    grid_n, split_k, iters = _grid(N, K, block_n, block_k, pps, x1.device)
     acc, part, cnt = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
         x1, wt, thr, bias if bias is not None else y, y, part if reduce else acc, cnt,
-        N, K, wt.stride(0), b1, b2,
+        N, K, wt.stride(0), b1, b2, iters,
         BLOCK_N=block_n, BLOCK_K=block_k, REDUCE=reduce, HAS_BIAS=bias is not None,
-        EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0, num_warps=num_warps,
+        EVEN_N=N % block_n == 0, num_warps=num_warps,
     )
     return y
 
@@ -291,7 +340,7 @@ def prepare_weight(w) -> torch.Tensor:
         from .tuning import config_for
 
         K, N = wt.shape
-        bn, bk, _, reduce = config_for(N, K)
+        bn, bk, _, _, reduce = config_for(N, K)
         _scratch(wt.device, N, N * triton.cdiv(K, max(1, min(bk, K))) if reduce else 0,
                  triton.cdiv(N, 16))
     return wt
