@@ -1,0 +1,251 @@
+"""End-to-end decode benchmark: tokens/s, dense and TEAL-sparse, on random weights of a preset's shape.
+
+gpt-fast's protocol: batch 1, a few prompt tokens, 200 new tokens, greedy; the one-token step
+compiled (reduce-overhead: one CUDA graph per step). For each dtype:
+
+1. a device-to-device copy rate, measured in the same run (the bandwidth ceiling);
+2. dense (cuBLAS) decode: median tokens/s over `runs` generations;
+3. per target sparsity (and a non-uniform allocation): thresholds calibrated on the model's own
+   decode steps for a calibration prompt (teal_nb.decode_calibrate), then realized sparsity per
+   (layer, site) counted on the benchmark prompt's decode steps through the sparse backend, then
+   the median tokens/s of the compiled sparse decoder.
+
+Decode tokens/s counts the steps after the first new token (the prompt's forward, eager and
+dense, is timed apart as prefill); `tok_s_e2e` includes the prefill, as gpt-fast prints it.
+Each record also gives weight bytes read per token (skipped columns of the realized sparsity
+not counted), the implied GB/s and its share of the copy rate, the speedup over dense in the
+same run and the Amdahl ceiling of the sparsity (dense bytes / sparse bytes, lm_head dense).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import SITES
+
+
+def copy_rate_gbps(device, nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s), median of `iters`."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def _timed_runs(dec, prompt, new_tokens, runs, warmup):
+    ids = None
+    for _ in range(warmup):
+        ids, _ = dec.generate(prompt, new_tokens)
+    timings = []
+    for _ in range(runs):
+        ids, t = dec.generate(prompt, new_tokens)
+        timings.append(t)
+    return ids, timings
+
+
+def _record(dec, cfg_name, dtype, backend, allocation, target, timings, realized, copy_gbps, dense_tok_s,
+            tokens_match=None, thresholds=None):
+    from .decode import amdahl_ceiling, weight_bytes_per_token
+
+    tok_s = statistics.median(t["decode_tok_s"] for t in timings)
+    rz = None if realized is None else realized
+    sparsity_for_bytes = None if rz is None else torch.nan_to_num(rz, nan=0.0)
+    wb = weight_bytes_per_token(dec.cfg, dtype, sparsity_for_bytes)
+    gbps = wb["total"] * tok_s / 1e9
+    rec = {
+        "model": cfg_name, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+        "allocation": allocation, "sparsity": target,
+        "tok_s": tok_s, "tok_s_runs": [t["decode_tok_s"] for t in timings],
+        "tok_s_e2e": statistics.median(t["tok_s"] for t in timings),
+        "prefill_ms": statistics.median(t["prefill_s"] for t in timings) * 1e3,
+        "new_tokens": timings[0]["new_tokens"],
+        "weight_GB_per_token": wb["total"] / 1e9,
+        "weight_GBps": gbps, "copy_GBps": copy_gbps, "pct_copy_rate": 100 * gbps / copy_gbps,
+        "ceiling_tok_s_at_copy_rate": copy_gbps * 1e9 / wb["total"],
+    }
+    if rz is not None:
+        site_mean = torch.nanmean(rz, dim=0)
+        rec["realized_sparsity"] = {s: float(site_mean[j]) for j, s in enumerate(SITES)}
+        rec["realized_sparsity_param_weighted"] = 1 - (wb["blocks"] / (wb["dense_total"] - wb["lm_head"]))
+        rec["realized_sparsity_layer_site"] = [[round(float(v), 4) for v in row] for row in rz]
+        rec["amdahl_ceiling"] = amdahl_ceiling(dec.cfg, dtype, sparsity_for_bytes)
+    if dense_tok_s:
+        rec["speedup_vs_dense"] = tok_s / dense_tok_s
+    if tokens_match is not None:
+        rec["tokens_match_eager"] = tokens_match
+    if thresholds is not None:
+        rec["thresholds_mean_per_site"] = {s: float(thresholds[:, j].mean()) for j, s in enumerate(SITES)}
+    return rec
+
+
+def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsities=(0.5, 0.4, 0.25, 0.65),
+              nonuniform_at=(0.5,), runs: int = 5, warmup: int = 2, new_tokens: int = 200, prompt_len: int = 5,
+              backend: str = "triton", device: str = "cuda", compile_mode: str | None = "reduce-overhead",
+              n_layers: int | None = None, calib_iters: int = 2, calib_prompt: str = "same",
+              budget_s: float = 540.0,
+              out: str | Path | None = None, command: str | None = None, log=print) -> dict:
+    """Run the sweep; write `out` (JSON) after every record so a cut-short run keeps what it measured."""
+    from .decode import Decoder
+    from .decode_calibrate import calibrate_decode, measure_realized, nonuniform_allocation, param_weighted_mean
+    from .results import provenance, write_json
+
+    t_start = time.perf_counter()
+    left = lambda: budget_s - (time.perf_counter() - t_start)  # noqa: E731
+    if device.startswith("cuda"):
+        import torch._inductor.config as ic
+
+        ic.coordinate_descent_tuning = True
+        ic.triton.unique_kernel_names = True
+        ic.fx_graph_cache = True
+    prov = provenance(command)
+    if device.startswith("cuda"):
+        prov["gpu"] = torch.cuda.get_device_name(device)
+    result = {"provenance": prov, "protocol": {
+        "preset": preset, "n_layers": n_layers, "batch": 1, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+        "runs": runs, "warmup": warmup, "compile": compile_mode, "prefill": "none (dense)", "lm_head": "dense",
+        "thresholds": (f"exact |x| quantiles per (layer, site) over the decode steps of "
+                       f"{'the benchmark prompt itself (as the authors did)' if calib_prompt == 'same' else 'a separate random prompt'}"
+                       f", {calib_iters} fixed-point passes on the sparse run"),
+        "tok_s": "median over runs of decode tokens/s (steps after the first new token)"},
+        "records": [], "skipped": []}
+
+    def save():
+        if out:
+            write_json(out, result)
+
+    cuda = device.startswith("cuda")
+    copy_gbps = copy_rate_gbps(device) if cuda else float("nan")
+    result["copy_GBps"] = copy_gbps
+    log(f"copy rate {copy_gbps:.0f} GB/s (read + write)")
+    for dtype in dtypes:
+        if left() < 150:
+            result["skipped"].append(f"{dtype}: time budget")
+            log(f"skip {dtype}: {left():.0f} s left")
+            continue
+        t0 = time.perf_counter()
+        dec = Decoder.random(preset, dtype, device, max_seq_len=max(64, 64 * math.ceil((prompt_len + new_tokens) / 64)),
+                             n_layers=n_layers)
+        name = f"random:{preset}" + (f"[{n_layers} layers]" if n_layers else "")
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, dec.cfg.vocab, (1, prompt_len), generator=gen).to(device)
+        other = torch.randint(0, dec.cfg.vocab, (1, prompt_len), generator=gen).to(device)
+        cal_ids = prompt if calib_prompt == "same" else other
+        if cuda:
+            torch.cuda.synchronize()
+        log(f"[{dtype}] model built in {time.perf_counter() - t0:.1f} s")
+
+        # Dense.
+        dec.set_sparsity(None, backend="dense")
+        dec.compile(compile_mode if cuda else None)
+        t0 = time.perf_counter()
+        dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup)
+        rec = _record(dec, name, dec.dtype, "dense", "dense", 0.0, timings, None, copy_gbps, None)
+        dense_tok_s = rec["tok_s"]
+        rec["wall_s"] = time.perf_counter() - t0
+        result["records"].append(rec)
+        save()
+        log(f"[{dtype}] dense: {dense_tok_s:.1f} tok/s ({rec['weight_GBps']:.0f} GB/s, "
+            f"{rec['pct_copy_rate']:.0f}% of copy) [{rec['wall_s']:.0f} s incl. compile]")
+
+        configs = []
+        for s in sparsities:
+            configs.append(("uniform", s, torch.full((dec.cfg.n_layers, len(SITES)), float(s))))
+            if s in nonuniform_at:
+                configs.append(("nonuniform", s, nonuniform_allocation(dec.cfg, s)))
+        configs.append(("uniform", 0.0, None))  # the sparse path with nothing skipped
+        first_sparse = True
+        for allocation, s, alloc in configs:
+            need = 200 if first_sparse else 30
+            if left() < need:
+                result["skipped"].append(f"{dtype} {backend} {allocation} {s}: time budget")
+                log(f"skip {dtype} {allocation} {s}: {left():.0f} s left")
+                continue
+            t0 = time.perf_counter()
+            if alloc is None:
+                th = torch.full((dec.cfg.n_layers, len(SITES)), -1.0)
+            else:
+                th = calibrate_decode(dec, cal_ids, new_tokens, alloc, iters=calib_iters)
+            t_cal = time.perf_counter() - t0
+            dec.set_sparsity(th, backend=backend)
+            realized, eager_ids = measure_realized(dec, prompt, new_tokens)
+            if first_sparse:
+                dec.compile(compile_mode if cuda else None)
+                first_sparse = False
+            t1 = time.perf_counter()
+            ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup)
+            match = float((ids[0, prompt_len:] == eager_ids[0, prompt_len:]).float().mean())
+            rec = _record(dec, name, dec.dtype, backend, allocation, s, timings, realized, copy_gbps, dense_tok_s,
+                          match, th)
+            if alloc is not None:
+                rec["target_param_weighted"] = param_weighted_mean(dec.cfg, alloc)
+                rec["target_sparsity_per_site"] = {j: float(alloc[:, i].mean()) for i, j in enumerate(SITES)}
+                dev = (realized - alloc).abs()
+                rec["max_abs_dev_site_mean"] = float((realized.nanmean(0) - alloc.mean(0)).abs().max())
+                rec["max_abs_dev_layer_site"] = float(dev.nan_to_num(0).max())
+            rec["calibration_s"] = t_cal
+            rec["wall_s"] = time.perf_counter() - t1
+            result["records"].append(rec)
+            save()
+            rz = rec["realized_sparsity"]
+            log(f"[{dtype}] {backend} {allocation} s={s}: {rec['tok_s']:.1f} tok/s = "
+                f"{rec['speedup_vs_dense']:.2f}x dense (ceiling {rec.get('amdahl_ceiling', 1):.2f}x), "
+                f"realized " + " ".join(f"{k}={v:.3f}" for k, v in rz.items())
+                + f", tokens match eager {match:.2f} [{rec['wall_s']:.0f} s, calib {t_cal:.0f} s]")
+        del dec
+        if cuda:
+            torch.cuda.empty_cache()
+    result["summary"] = summarize(result["records"])
+    result["wall_s"] = time.perf_counter() - t_start
+    save()
+    return result
+
+
+def summarize(records: list[dict]) -> dict:
+    """The must-show ratios per dtype."""
+    out = {}
+    for r in records:
+        d = out.setdefault(r["dtype"], {})
+        if r["backend"] == "dense":
+            d["dense_tok_s"] = r["tok_s"]
+            d["dense_pct_copy_rate"] = r["pct_copy_rate"]
+            continue
+        key = f"{r['allocation']}_{r['sparsity']}"
+        entry = {"tok_s": r["tok_s"], "speedup": r.get("speedup_vs_dense"), "ceiling": r.get("amdahl_ceiling")}
+        if r["sparsity"] > 0 and "realized_sparsity" in r:
+            if r["allocation"] == "uniform":
+                entry["max_site_dev"] = max(abs(v - r["sparsity"]) for v in r["realized_sparsity"].values())
+            else:
+                entry["max_site_dev"] = r.get("max_abs_dev_site_mean")
+            entry["max_layer_site_dev"] = r.get("max_abs_dev_layer_site", max(
+                abs(v - r["sparsity"]) for row in r["realized_sparsity_layer_site"] for v in row))
+        d[key] = entry
+    return out
+
+
+def format_table(records: list[dict]) -> str:
+    lines = [f"{'dtype':9} {'backend':7} {'alloc':10} {'s':>5} {'tok/s':>7} {'x dense':>7} {'ceiling':>7} "
+             f"{'GB/s':>6} {'%copy':>5}  realized (q k v o gate up down)"]
+    for r in records:
+        rz = r.get("realized_sparsity")
+        rzs = " ".join(f"{v:.2f}" for v in rz.values()) if rz else "-"
+        lines.append(f"{r['dtype']:9} {r['backend']:7} {r['allocation']:10} {r['sparsity']:5.2f} {r['tok_s']:7.1f} "
+                     f"{r.get('speedup_vs_dense', 1.0):7.2f} {r.get('amdahl_ceiling', 1.0):7.2f} "
+                     f"{r['weight_GBps']:6.0f} {r['pct_copy_rate']:5.0f}  {rzs}")
+    return "\n".join(lines)
+
+
+__all__ = ["run_bench", "copy_rate_gbps", "summarize", "format_table"]
