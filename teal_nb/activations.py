@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import HIDDEN_STATES
-from .models import model_id, model_sites
+from .models import decoder_layers, model_id, model_sites
 
 # The grid: bin 0 holds |x| < LO (zeros included), bins 1..NB are log-spaced over [LO, HI),
 # bin NB+1 holds |x| >= HI. The same grid for both signs.
@@ -158,10 +158,12 @@ class Recorder:
 
     def __init__(self, model: nn.Module, hist: Histograms, positions: slice = slice(None)):
         self.hist, self.positions, self.handles = hist, positions, []
-        for li, sites in enumerate(model_sites(model)):
+        for li, (layer, sites) in enumerate(zip(decoder_layers(model), model_sites(model))):
             for si, state in enumerate(HIDDEN_STATES):
-                lin = sites[STATE_READER[state]].linear
-                self.handles.append(lin.register_forward_pre_hook(self._hook(li, si)))
+                # The module at the site's attribute: on a sparsified model that is sparsify's wrapper,
+                # so the recorded input is the one before thresholding.
+                module = layer.get_submodule(sites[STATE_READER[state]].attr)
+                self.handles.append(module.register_forward_pre_hook(self._hook(li, si)))
 
     def _hook(self, layer, state):
         def hook(module, args):

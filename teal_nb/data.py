@@ -102,9 +102,14 @@ def _wikitext_ids(tok, split: str) -> torch.Tensor:
     return _tokenize(tok, wikitext_text(split))
 
 
+# The last C4 documents are never used for calibration: held-out text of the same distribution.
+C4_HELDOUT_DOCS = 400
+
+
 @functools.lru_cache(maxsize=8)
-def _c4_ids(tok, n_docs: int, seed: int) -> torch.Tensor:
+def _c4_ids(tok, n_docs: int, seed: int, heldout: bool = False) -> torch.Tensor:
     docs = list(c4_texts(n_docs))
+    docs = docs[-C4_HELDOUT_DOCS:] if heldout else docs[:-C4_HELDOUT_DOCS]
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
     sep = tok.eos_token or "\n\n"
     return _tokenize(tok, sep.join(docs[i] for i in order))
@@ -124,6 +129,11 @@ def random_windows(ids: torch.Tensor, n: int, length: int, seed: int) -> torch.T
 def c4_calibration(tok, n: int, length: int, seed: int = 0, n_docs: int = 2000) -> torch.Tensor:
     """Calibration batch: `n` random windows of `length` tokens from shuffled C4 documents."""
     return random_windows(_c4_ids(tok, n_docs, seed), n, length, seed)
+
+
+def c4_heldout(tok, n: int, length: int, seed: int = 0, n_docs: int = 2000) -> torch.Tensor:
+    """Windows from the C4 documents that calibration never sees (the last C4_HELDOUT_DOCS)."""
+    return random_windows(_c4_ids(tok, n_docs, seed, heldout=True), n, length, seed)
 
 
 def wikitext_samples(tok, n: int = 128, length: int = 2048, seed: int = 0,

@@ -167,6 +167,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _child(module: nn.Module, name: str):
     m = getattr(module, name, None)
+    m = getattr(m, "linear", m)  # see through sparsify's wrapper: sites are found on sparsified models too
     return m if isinstance(m, nn.Linear) else None
 
 

@@ -135,17 +135,27 @@ def table_from_hist(hist: Histograms, sparsity, method: str = "abs", meta: dict 
 
 
 def table_for(model: nn.Module, tok, sparsity, allocation: str = "uniform", method: str = "abs",
-              progress: bool = True) -> ThresholdTable:
-    """Thresholds for `model` at a sparsity, from C4 calibration (cached on disk per model)."""
-    from .calibration import cached_histograms
+              refine: bool = True, progress: bool = True) -> ThresholdTable:
+    """Thresholds for `model` at a model-wide sparsity, from C4 calibration (cached per model).
+
+    `allocation`: "uniform" (every site at `sparsity`), "greedy" / "global" / a saved allocation
+    file (per-(layer, site) sparsities, see teal_nb.greedy). `refine`: re-derive the thresholds
+    on the sparsified model's own activations so realized sparsity meets the target
+    (`calibration.refine_table`); False gives TEAL's dense-model thresholds.
+    """
+    from .calibration import cached_histograms, refine_table
 
     hist = cached_histograms(model, tok, progress=progress)
     if allocation == "uniform":
-        return table_from_hist(hist, sparsity, method, {"allocation": "uniform"})
-    from .greedy import allocation_sparsities  # per-(layer, site) sparsities of a saved allocation
+        p, meta = sparsity, {"allocation": "uniform"}
+    else:
+        from .greedy import allocation_sparsities  # per-(layer, site) sparsities of a saved allocation
 
-    return table_from_hist(hist, allocation_sparsities(model, allocation, sparsity), method,
-                           {"allocation": allocation, "target": float(sparsity)})
+        p, meta = allocation_sparsities(model, allocation, sparsity), {"allocation": str(allocation)}
+    table = table_from_hist(hist, p, method, {**meta, "target": float(check_sparsity(float(sparsity)))})
+    if refine and float(table.sparsity.max()) > 0:
+        table = refine_table(model, tok, table, progress=progress)
+    return table
 
 
 __all__ = ["ThresholdTable", "table_from_hist", "table_for", "state_thresholds", "quantile_from_hist",
