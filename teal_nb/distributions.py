@@ -324,5 +324,49 @@ def empirical_density(hist: Histograms, layer: int, state, edges: torch.Tensor) 
     return dens / w.sum().clamp_min(1e-300) / edges.diff()
 
 
+@torch.no_grad()
+def sample_states(model, batches: torch.Tensor, layers, positions: slice = slice(None)) -> dict:
+    """Raw hidden states of a few layers: {(layer, state): float32 [tokens, dim]} over `batches` [n, T].
+
+    For analyses the histograms cannot do (per channel, per token); keep `batches` small, everything is
+    held in memory.
+    """
+    from .activations import STATE_READER
+    from .models import decoder_layers, model_sites
+
+    out, handles = {}, []
+    all_layers, all_sites = decoder_layers(model), model_sites(model)
+
+    def hook(key):
+        def f(module, args):
+            x = args[0][..., positions, :]
+            out.setdefault(key, []).append(x.detach().float().reshape(-1, x.shape[-1]).cpu())
+        return f
+
+    for li in layers:
+        for state in HIDDEN_STATES:
+            module = all_layers[li].get_submodule(all_sites[li][STATE_READER[state]].attr)
+            handles.append(module.register_forward_pre_hook(hook((li, state))))
+    try:
+        device = next(model.parameters()).device
+        for row in batches:
+            model(row[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def histograms_of(samples: dict, name: str = "samples") -> tuple[Histograms, list]:
+    """Pack {key: values} into one-layer-per-key `Histograms` (state 0 holds the values; the other
+    three states get the same values so that every row is fittable). Returns (hist, keys)."""
+    keys = list(samples)
+    h = Histograms.empty(name, len(keys))
+    for i, k in enumerate(keys):
+        for s in range(len(HIDDEN_STATES)):
+            h.add(i, s, samples[k])
+    return h, keys
+
+
 __all__ = ["LAWS", "Fits", "fit", "pdf", "abs_cdf", "law_threshold", "gammaincinv", "empirical_density",
-           "BETA_RANGE"]
+           "BETA_RANGE", "sample_states", "histograms_of"]
