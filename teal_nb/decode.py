@@ -391,16 +391,24 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, stream=None, eos_token_id=None,
-                 sync: bool = True) -> tuple[torch.Tensor, dict]:
+                 sync: bool = True, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Greedy generation. prompt [B, T] (or [T]) token ids -> (ids [B, T + new], timings).
 
         `stream(token_ids [B])` is called for each new token. Timings: prefill seconds, decode
         seconds (steps after the first new token) and decode tokens/s.
+        `forced` [B, >= T + new - 1]: teacher forcing. Each step still computes its greedy token
+        (returned in ids) but the next step is fed forced[:, position] instead, so that every run
+        decodes the same sequence whatever the sparsity (benchmarks and calibration use this:
+        sparsifying changes a greedy trajectory, and with it the distributions to calibrate).
         """
         if prompt.dim() == 1:
             prompt = prompt[None]
         prompt = prompt.to(self.device)
         b, t = prompt.shape
+        if forced is not None:
+            forced = forced.to(self.device)
+            if forced.shape[1] < t + max_new_tokens - 1:
+                raise ValueError(f"forced tokens: need {t + max_new_tokens - 1}, got {forced.shape[1]}")
         if b != self.batch:
             self.setup_cache(self.max_seq_len, b)
         if t + max_new_tokens > self.max_seq_len:
@@ -425,7 +433,8 @@ class Decoder(nn.Module):
         while n < max_new_tokens and not done:
             if self._compiled is not None and cuda:
                 torch.compiler.cudagraph_mark_step_begin()
-            tok = step(tok.clone() if self._compiled is not None else tok, pos)
+            fed = forced[:, t + n - 1:t + n] if forced is not None else tok
+            tok = step(fed.clone() if self._compiled is not None else fed, pos)
             out[:, t + n:t + n + 1] = tok
             n += 1
             pos += 1

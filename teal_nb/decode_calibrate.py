@@ -17,11 +17,11 @@ from .config import HIDDEN_STATES, SITE_STATE, SITES
 
 
 @torch.no_grad()
-def record_decode_inputs(dec, prompt: torch.Tensor, new_tokens: int) -> dict:
+def record_decode_inputs(dec, prompt: torch.Tensor, new_tokens: int, forced=None) -> dict:
     """|x| of every site input on every decode step: {(layer, state): fp32 [steps * B, K]}."""
     dec.record = {}
     try:
-        dec.generate(prompt, new_tokens)
+        dec.generate(prompt, new_tokens, forced=forced)
         rec = {k: torch.cat(v).abs() for k, v in dec.record.items()}
     finally:
         dec.record = None
@@ -49,13 +49,13 @@ def quantile_thresholds(records: dict, sparsity: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_realized(dec, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def measure_realized(dec, prompt: torch.Tensor, new_tokens: int, forced=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(realized sparsity [L, 7] over the decode steps, generated ids) with the current settings, eager."""
     compiled, dec._compiled = dec._compiled, None
     dec.count = True
     dec.reset_stats()
     try:
-        ids, _ = dec.generate(prompt, new_tokens)
+        ids, _ = dec.generate(prompt, new_tokens, forced=forced)
         return dec.realized(), ids
     finally:
         dec.count = False
@@ -63,26 +63,53 @@ def measure_realized(dec, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def calibrate_decode(dec, prompt: torch.Tensor, new_tokens: int, sparsity, iters: int = 2,
-                     backend: str = "torch") -> torch.Tensor:
+def calibrate_decode(dec, prompt: torch.Tensor, new_tokens: int, sparsity, iters: int = 3,
+                     backend: str = "torch", tol: float | None = None, pool: bool = False,
+                     info: dict | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
     """Thresholds [L, 7] for target sparsities (scalar or [L, 7]) on `prompt`'s decode steps.
 
-    Pass 0 records the dense run; each further pass runs sparse with the latest thresholds and
-    re-takes the quantiles on what it sees.
+    The dense run gives first thresholds; each of up to `iters` sparse passes runs with the
+    latest thresholds, counts the realized sparsity per (layer, site) and records the inputs it
+    sees, from which the next thresholds are taken (`pool`: from every sparse pass so far).
+    Sparsifying changes the greedy trajectory, hence the distributions (the o_proj input most),
+    so the passes need not settle exactly: the thresholds whose measured realized sparsity was
+    closest to the target (max over (layer, site)) are returned; stop early once within `tol`.
+    With `forced` tokens (teacher forcing, see Decoder.generate) every pass decodes the same
+    sequence and the passes converge: thresholds of layer l only move the inputs of later layers.
+    `info` (a dict) receives the deviation of each pass.
     """
     p = torch.as_tensor(sparsity, dtype=torch.float32).expand(dec.cfg.n_layers, len(SITES)).clone()
     saved = (dec.backend, dec.thresholds.clone(), dec._compiled)
     dec._compiled = None  # calibration runs eagerly: it records inputs on the host side
+    devs, best, pooled = [], None, {}
     try:
         dec.set_sparsity(None, backend="dense")
-        t = quantile_thresholds(record_decode_inputs(dec, prompt, new_tokens), p)
+        t = quantile_thresholds(record_decode_inputs(dec, prompt, new_tokens, forced), p)
         for _ in range(iters):
             dec.set_sparsity(t, backend=backend)
-            t = quantile_thresholds(record_decode_inputs(dec, prompt, new_tokens), p)
+            dec.count = True
+            dec.reset_stats()
+            try:
+                rec = record_decode_inputs(dec, prompt, new_tokens, forced)
+            finally:
+                dec.count = False
+            dev = float((dec.realized() - p).abs().nan_to_num(0.0).max())
+            devs.append(dev)
+            if best is None or dev < best[0]:
+                best = (dev, t)
+            if tol is not None and dev <= tol:
+                break
+            if pool:
+                for k, v in rec.items():
+                    pooled[k] = torch.cat([pooled[k], v]) if k in pooled else v
+                rec = pooled
+            t = quantile_thresholds(rec, p)
     finally:
         dec.backend, dec._compiled = saved[0], saved[2]
         dec.thresholds.copy_(saved[1])
-    return t
+    if info is not None:
+        info["max_dev_per_pass"] = devs
+    return best[1] if best is not None else t
 
 
 def param_weighted_mean(cfg, sparsity: torch.Tensor) -> float:
