@@ -17,6 +17,9 @@ def add_arguments(p) -> None:
                    help="how the sparsity is spread over layers and sites")
     p.add_argument("--method", default="abs", choices=("abs", "signed"),
                    help="threshold from the |x| quantile (ours) or TEAL's signed icdf(0.5 + p/2)")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="TEAL's dense-model thresholds (default: re-derived on the sparsified model, "
+                        "see teal_nb.calibration.refine_table)")
     p.add_argument("--prefill", default="last_half", choices=("none", "last_half", "all"),
                    help="which prompt tokens are sparse (TEAL's evaluations: last_half); log-likelihood "
                         "tasks are prefill-only, so with `none` nothing is sparse")
@@ -59,6 +62,7 @@ def run(args) -> int:
         raise ValueError("--tasks is empty")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    prov = provenance()  # at the start: the code that ran, not the tree at the end
     model, tok = load_model(args.model, dtype=args.dtype, device=device)
 
     table = None
@@ -66,7 +70,7 @@ def run(args) -> int:
         from ..thresholds import table_for
 
         table = table_for(model, tok, sparsity, allocation=args.allocation, method=args.method,
-                          progress=not args.json)
+                          refine=args.refine, progress=not args.json)
     record = {
         "kind": "lm-eval",
         "model": model_id(model),
@@ -113,7 +117,7 @@ def run(args) -> int:
     record["total_cpu_s"] = round(time.process_time() - cpu0, 2)
     record["total_wall_s"] = round(time.perf_counter() - wall0, 2)
     record["versions"] = _versions()
-    record["provenance"] = provenance()
+    record["provenance"] = prov
     if args.out:
         write_json(args.out, record)
     if args.json:
