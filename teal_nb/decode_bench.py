@@ -112,6 +112,10 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
         ic.triton.unique_kernel_names = True
         ic.fx_graph_cache = True
     prov = provenance(command)
+    import os
+
+    if os.environ.get("TEAL_GIT_SHA"):  # the GPU machine gets a copy of the tree without .git
+        prov["git_sha"] = os.environ["TEAL_GIT_SHA"]
     if device.startswith("cuda"):
         prov["gpu"] = torch.cuda.get_device_name(device)
     result = {"provenance": prov, "protocol": {
@@ -156,7 +160,16 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
         dec.set_sparsity(None, backend="dense")
         dec.compile(compile_mode if cuda else None)
         t0 = time.perf_counter()
-        dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup)
+        try:
+            dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup)
+        except Exception as e:  # compile failed: measure eagerly rather than nothing
+            import traceback
+
+            log("ERROR dense compiled: " + traceback.format_exc(limit=6))
+            result.setdefault("errors", []).append(f"{dtype} dense compiled: {type(e).__name__}: {e}")
+            dec._compiled = None
+            compile_mode = None
+            dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, 1)
         forced = dense_ids
         if calib_prompt == "same":
             cal_forced = forced
@@ -165,6 +178,7 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
             cal_forced, _ = dec.generate(cal_ids, new_tokens)
             dec._compiled = dec_c
         rec = _record(dec, name, dec.dtype, "dense", "dense", 0.0, timings, None, copy_gbps, None)
+        rec["compiled"] = dec._compiled is not None
         dense_tok_s = rec["tok_s"]
         rec["wall_s"] = time.perf_counter() - t0
         result["records"].append(rec)
@@ -178,47 +192,60 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
             if s in nonuniform_at:
                 configs.append(("nonuniform", s, nonuniform_allocation(dec.cfg, s)))
         configs.append(("uniform", 0.0, None))  # the sparse path with nothing skipped
-        first_sparse = True
+        first_sparse, sparse_ok = True, False
         for allocation, s, alloc in configs:
             need = 200 if first_sparse else 30
             if left() < need:
                 result["skipped"].append(f"{dtype} {backend} {allocation} {s}: time budget")
                 log(f"skip {dtype} {allocation} {s}: {left():.0f} s left")
                 continue
-            t0 = time.perf_counter()
-            cal_info = {}
-            if alloc is None:
-                th = torch.full((dec.cfg.n_layers, len(SITES)), -1.0)
-            else:
-                th = calibrate_decode(dec, cal_ids, new_tokens, alloc, iters=calib_iters, tol=calib_tol,
-                                      forced=cal_forced, info=cal_info)
-            t_cal = time.perf_counter() - t0
-            dec.set_sparsity(th, backend=backend)
-            realized, eager_ids = measure_realized(dec, prompt, new_tokens, forced=forced)
-            if first_sparse:
-                dec.compile(compile_mode if cuda else None)
-                first_sparse = False
-            t1 = time.perf_counter()
-            ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup, forced)
-            match = float((ids[0, prompt_len:] == eager_ids[0, prompt_len:]).float().mean())
-            rec = _record(dec, name, dec.dtype, backend, allocation, s, timings, realized, copy_gbps, dense_tok_s,
-                          match, th)
-            if alloc is not None:
-                rec["target_param_weighted"] = param_weighted_mean(dec.cfg, alloc)
-                rec["target_sparsity_per_site"] = {j: float(alloc[:, i].mean()) for i, j in enumerate(SITES)}
-                dev = (realized - alloc).abs()
-                rec["max_abs_dev_site_mean"] = float((realized.nanmean(0) - alloc.mean(0)).abs().max())
-                rec["max_abs_dev_layer_site"] = float(dev.nan_to_num(0).max())
-            rec["calibration_s"] = t_cal
-            rec["calibration_max_dev_per_pass"] = cal_info.get("max_dev_per_pass")
-            rec["wall_s"] = time.perf_counter() - t1
-            result["records"].append(rec)
-            save()
-            rz = rec["realized_sparsity"]
-            log(f"[{dtype}] {backend} {allocation} s={s}: {rec['tok_s']:.1f} tok/s = "
-                f"{rec['speedup_vs_dense']:.2f}x dense (ceiling {rec.get('amdahl_ceiling', 1):.2f}x), "
-                f"realized " + " ".join(f"{k}={v:.3f}" for k, v in rz.items())
-                + f", tokens match eager {match:.2f} [{rec['wall_s']:.0f} s, calib {t_cal:.0f} s]")
+            try:
+                t0 = time.perf_counter()
+                cal_info = {}
+                if alloc is None:
+                    th = torch.full((dec.cfg.n_layers, len(SITES)), -1.0)
+                else:
+                    th = calibrate_decode(dec, cal_ids, new_tokens, alloc, iters=calib_iters, tol=calib_tol,
+                                          forced=cal_forced, info=cal_info)
+                t_cal = time.perf_counter() - t0
+                dec.set_sparsity(th, backend=backend)
+                realized, eager_ids = measure_realized(dec, prompt, new_tokens, forced=forced)
+                if first_sparse:
+                    dec.compile(compile_mode if cuda else None)
+                    first_sparse = False
+                t1 = time.perf_counter()
+                ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup, forced)
+                match = float((ids[0, prompt_len:] == eager_ids[0, prompt_len:]).float().mean())
+                rec = _record(dec, name, dec.dtype, backend, allocation, s, timings, realized, copy_gbps, dense_tok_s,
+                              match, th)
+                if alloc is not None:
+                    rec["target_param_weighted"] = param_weighted_mean(dec.cfg, alloc)
+                    rec["target_sparsity_per_site"] = {j: float(alloc[:, i].mean()) for i, j in enumerate(SITES)}
+                    dev = (realized - alloc).abs()
+                    rec["max_abs_dev_site_mean"] = float((realized.nanmean(0) - alloc.mean(0)).abs().max())
+                    rec["max_abs_dev_layer_site"] = float(dev.nan_to_num(0).max())
+                rec["calibration_s"] = t_cal
+                rec["calibration_max_dev_per_pass"] = cal_info.get("max_dev_per_pass")
+                rec["wall_s"] = time.perf_counter() - t1
+                rec["compiled"] = dec._compiled is not None
+                result["records"].append(rec)
+                save()
+                sparse_ok = True
+                rz = rec["realized_sparsity"]
+                log(f"[{dtype}] {backend} {allocation} s={s}: {rec['tok_s']:.1f} tok/s = "
+                    f"{rec['speedup_vs_dense']:.2f}x dense (ceiling {rec.get('amdahl_ceiling', 1):.2f}x), "
+                    f"realized " + " ".join(f"{k}={v:.3f}" for k, v in rz.items())
+                    + f", tokens match eager {match:.2f} [{rec['wall_s']:.0f} s, calib {t_cal:.0f} s]")
+            except Exception as e:  # keep what was measured; say what broke
+                import traceback
+
+                msg = f"{dtype} {backend} {allocation} {s}: {type(e).__name__}: {e}"
+                result.setdefault("errors", []).append(msg)
+                save()
+                log("ERROR " + msg + "\n" + traceback.format_exc(limit=6))
+                if not sparse_ok:  # the compiled sparse step never ran: go on eagerly, and say so
+                    dec._compiled = None
+                    result["protocol"]["note"] = f"{dtype}: sparse runs eager after: {msg}"
         del dec
         if cuda:
             torch.cuda.empty_cache()
@@ -237,6 +264,8 @@ def summarize(records: list[dict]) -> dict:
             d["dense_tok_s"] = r["tok_s"]
             d["dense_pct_copy_rate"] = r["pct_copy_rate"]
             continue
+        if r["sparsity"] == 0 and r["allocation"] == "uniform":
+            d["sparse_path_at_s0_tok_s"] = r["tok_s"]
         key = f"{r['allocation']}_{r['sparsity']}"
         entry = {"tok_s": r["tok_s"], "speedup": r.get("speedup_vs_dense"), "ceiling": r.get("amdahl_ceiling")}
         if r["sparsity"] > 0 and "realized_sparsity" in r:
