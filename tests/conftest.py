@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The team's data beside the repo, as the Makefile sets it (tests that need data use it).
+_shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+if "TEAL_DATA_DIR" not in os.environ and os.path.isdir(_shared):
+    os.environ["TEAL_DATA_DIR"] = os.path.abspath(_shared)
 
 import torch  # noqa: E402
 
