@@ -23,6 +23,8 @@ half" of a padded row is not the last half of its request.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -89,12 +91,10 @@ def _realized(sp) -> dict:
         return {}
     r = sp.realized()
     out = {s: float(r[:, j].nanmean()) for j, s in enumerate(SITES)}
-    tokens = int(sp.stats[:, 0, 1].sum().item()) if sp.stats.numel() else 0
     out = {k: (None if math.isnan(v) else round(v, 4)) for k, v in out.items()}
     seen = sp.stats[..., 1].sum().item()
     out["all"] = round(float(sp.stats[..., 0].sum().item() / seen), 4) if seen else None
     out["entries_seen"] = int(seen)
-    del tokens
     return out
 
 
@@ -102,22 +102,32 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str], *, table=None, prefi
                    limit: int | float | None = None, num_fewshot: int | None = None,
                    batch_size: int = 1, max_gen_toks: int | None = None, seed: int = 0,
                    offline: bool | None = None, log_samples: bool = False, verbose: bool = False,
-                   bootstrap_iters: int = 1000) -> dict:
+                   progress: bool = True, bootstrap_iters: int = 1000, docs: tuple[int, int] | None = None) -> dict:
     """Run harness tasks on `model`, sparsified with `table` (None: dense) under a prefill protocol.
 
     Returns {"prefill", "sparse", "batch_size", "limit", "tasks": {name: {...}}, "warnings": [...]}
     where each task has its metrics (accuracy and standard error as the harness computes them),
     sample count, output type, CPU and wall time, the realized sparsity per site, and where its
-    documents came from.
+    documents came from. `docs=(start, stop)` scores documents start..stop-1 of every task instead
+    of the first `limit` (to split one long evaluation over several processes).
     """
     _require_lm_eval()
     check_prefill(prefill)
     from lm_eval import simple_evaluate
 
+    _quiet(verbose)
+    # progress=False: the harness's own tqdm bars (which it gives no switch for) go nowhere
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else nullcontext()
+    with quiet:
+        return _evaluate(model, tok, tasks, table, prefill, limit, num_fewshot, batch_size, max_gen_toks,
+                         seed, offline, log_samples, verbose, bootstrap_iters, simple_evaluate, docs)
+
+
+def _evaluate(model, tok, tasks, table, prefill, limit, num_fewshot, batch_size, max_gen_toks, seed, offline,
+              log_samples, verbose, bootstrap_iters, simple_evaluate, docs=None) -> dict:
     from .sparsify import sparsify
     from .tasks import is_offline, task_manager, task_specs
 
-    _quiet(verbose)
     offline = is_offline() if offline is None else offline
     if prefill == "last_half" and table is not None and batch_size != 1:
         batch_size = 1  # padded rows would shift "the last half": one request per forward
@@ -125,7 +135,7 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str], *, table=None, prefi
     tm = task_manager(offline)
     gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": int(max_gen_toks)}
     out = {"prefill": prefill, "sparse": table is not None, "batch_size": batch_size, "limit": limit,
-           "num_fewshot": num_fewshot, "seed": seed, "data": "offline" if offline else "hub",
+           "num_fewshot": num_fewshot, "seed": seed, "docs": list(docs) if docs else None, "data": "offline" if offline else "hub",
            "tasks": {}, "groups": {}, "warnings": []}
     if table is not None and prefill == "none":
         out["note"] = "prefill 'none': prompts are dense; only decoded tokens (generation tasks) are sparse"
@@ -133,7 +143,12 @@ def evaluate_tasks(model: nn.Module, tok, tasks: list[str], *, table=None, prefi
         ctx = sparsify(model, table, prefill=prefill) if table is not None else nullcontext()
         with ctx as sp:
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            res = simple_evaluate(model=lm, tasks=[spec], num_fewshot=num_fewshot, limit=limit,
+            picked = None
+            if docs is not None:
+                if limit is not None:
+                    raise ValueError("give either limit or docs, not both")
+                picked = {name: list(range(int(docs[0]), int(docs[1])))}
+            res = simple_evaluate(model=lm, tasks=[spec], num_fewshot=num_fewshot, limit=limit, samples=picked,
                                   task_manager=tm, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
                                   gen_kwargs=gen_kwargs, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed,

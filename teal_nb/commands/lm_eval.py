@@ -12,6 +12,8 @@ def add_arguments(p) -> None:
                         "hellaswag, winogrande, boolq, gsm8k, lambada_openai, mmlu, mmlu_<subject>)")
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task: the first N (N >= 1) or a fraction (< 1); default: the whole split")
+    p.add_argument("--docs", default=None, metavar="START:STOP",
+                   help="score documents START..STOP-1 of each task instead of --limit (to split a run)")
     p.add_argument("--sparsity", type=float, default=0.0, help="target model-wide sparsity; 0 = dense")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "greedy", "global"),
                    help="how the sparsity is spread over layers and sites")
@@ -92,8 +94,9 @@ def run(args) -> int:
                                     [round(float(v), 4) for v in table.sparsity.mean(0)]))}
     res = evaluate_tasks(model, tok, tasks, table=table, prefill=args.prefill, limit=_limit(args.limit),
                          num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                         max_gen_toks=args.max_gen_toks, seed=args.seed, verbose=args.verbose)
-    record.update({k: res[k] for k in ("batch_size", "num_fewshot", "seed", "data", "tasks", "groups",
+                         max_gen_toks=args.max_gen_toks, seed=args.seed, verbose=args.verbose,
+                         docs=tuple(int(x) for x in args.docs.split(":")) if args.docs else None)
+    record.update({k: res[k] for k in ("batch_size", "num_fewshot", "seed", "docs", "data", "tasks", "groups",
                                        "warnings")})
     if "note" in res:
         record["note"] = res["note"]
