@@ -324,6 +324,23 @@ def empirical_density(hist: Histograms, layer: int, state, edges: torch.Tensor) 
     return dens / w.sum().clamp_min(1e-300) / edges.diff()
 
 
+def sparsity_at(hist: Histograms, t: torch.Tensor) -> torch.Tensor:
+    """Fraction of calibration values with |x| <= t, per (layer, state), for thresholds t [L, 4]:
+    the sparsity a threshold gives on the data it was calibrated on (linear inside a bin)."""
+    counts = hist.abs_counts().double()
+    cdf = torch.cat([torch.zeros_like(counts[..., :1]), counts.cumsum(-1)], -1)
+    cdf = cdf / cdf[..., -1:].clamp_min(1e-300)                          # at the NB + 3 edges
+    edges = abs_edges().expand_as(cdf).clone()
+    top = torch.maximum(hist.moment("max").abs(), hist.moment("min").abs())
+    edges[..., -1] = torch.maximum(top, edges[..., -2])                    # close the overflow bin
+    t = torch.as_tensor(t, dtype=torch.float64).expand(cdf.shape[:-1]).unsqueeze(-1)
+    b = (torch.searchsorted(edges.contiguous(), t.contiguous(), right=True) - 1).clamp(0, NB + 1)
+    lo, hi = edges.gather(-1, b), edges.gather(-1, b + 1)
+    frac = ((t - lo) / (hi - lo).clamp_min(1e-300)).clamp(0, 1)
+    out = cdf.gather(-1, b) + frac * (cdf.gather(-1, b + 1) - cdf.gather(-1, b))
+    return torch.where(t < 0, torch.zeros_like(out), out).squeeze(-1)
+
+
 @torch.no_grad()
 def sample_states(model, batches: torch.Tensor, layers, positions: slice = slice(None)) -> dict:
     """Raw hidden states of a few layers: {(layer, state): float32 [tokens, dim]} over `batches` [n, T].
@@ -369,4 +386,4 @@ def histograms_of(samples: dict, name: str = "samples") -> tuple[Histograms, lis
 
 
 __all__ = ["LAWS", "Fits", "fit", "pdf", "abs_cdf", "law_threshold", "gammaincinv", "empirical_density",
-           "BETA_RANGE", "sample_states", "histograms_of"]
+           "BETA_RANGE", "sparsity_at", "sample_states", "histograms_of"]

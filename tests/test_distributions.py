@@ -132,3 +132,14 @@ def test_bad_inputs():
         D.law_threshold("laplace", 1.0, {"b": 1.0})
     with pytest.raises(ValueError):
         D.fit(Histograms.empty("empty", 1))
+
+
+def test_sparsity_at_inverts_the_histogram_quantile(fits):
+    h, f = fits
+    for p in (0.1, 0.5, 0.9):
+        t = state_thresholds(h, torch.full((1, 4), p), "abs")
+        assert torch.allclose(D.sparsity_at(h, t), torch.full((1, 4), p, dtype=torch.float64), atol=1e-3)
+    # A Gaussian-law threshold on Gaussian data gives the target; on Laplace data it does not.
+    got = D.sparsity_at(h, f.thresholds(0.5, "gaussian"))[0]
+    assert got[0].item() == pytest.approx(0.5, abs=0.01) and got[1].item() > 0.55
+    assert D.sparsity_at(h, torch.full((1, 4), -1.0)).eq(0).all()
