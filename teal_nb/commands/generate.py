@@ -13,6 +13,8 @@ def add_arguments(p) -> None:
     p.add_argument("--calibration", default="c4", choices=("c4", "decode"),
                    help="where thresholds come from: C4 histograms (cached per model; needs TEAL_DATA_DIR "
                         "or the hub) or the prompt's own dense decode steps (no data needed)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="C4 thresholds of the dense model (TEAL's), without re-deriving them under sparsity")
     p.add_argument("--thresholds", default=None, help="a saved ThresholdTable (.safetensors); overrides the above")
     p.add_argument("--prefill", default="none", choices=("none", "last_half", "all"),
                    help="which prompt tokens are sparse (decode steps always are; default none)")
@@ -57,7 +59,8 @@ def run(args) -> int:
         from teal_nb.thresholds import table_for
 
         try:
-            thresholds = table_for(model, tok, args.sparsity, allocation=args.allocation).values
+            thresholds = table_for(model, tok, args.sparsity, allocation=args.allocation,
+                                   refine=not args.no_refine).values
         except (FileNotFoundError, OSError, ImportError) as e:
             raise FileNotFoundError(f"C4 calibration unavailable ({e}); set TEAL_DATA_DIR, or use "
                                     "--calibration decode") from e
