@@ -3,7 +3,7 @@
     python kernels/tune_gemv.py --out kernels/results/h200/gemv_tune.json
 
 For every shape of teal_nb.kernels.bench.SHAPES (bf16; fp16 moves the same bytes) and every
-config (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE), the kernel is timed with the bench's CUDA-graph
+config (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE), the kernel is timed with the bench's CUDA-graph
 timer at sparsities 0, 0.5 and 0.8. The chosen config of a shape minimises the sum over those
 sparsities of time / best time at that sparsity. The choice is pasted into
 teal_nb/kernels/tuning.py (TABLE) by hand and committed.
@@ -22,15 +22,16 @@ SPARS = (0.0, 0.5, 0.8)
 
 
 def configs():
-    tiles = [(64, 32), (64, 64), (128, 16), (128, 32), (128, 64), (256, 8), (256, 16), (256, 32),
-             (512, 8), (512, 16)]
+    # The masked kernel (SLICE = 0): the best configs of the v2 sweep (gemv_tune_v2_masked.json).
+    for cfg in [(64, 64, 4, 4, 0), (128, 32, 4, 4, 0), (512, 8, 4, 4, 0), (64, 32, 4, 8, 0),
+                (64, 32, 4, 2, 0), (64, 64, 4, 1, 0), (64, 64, 4, 2, 0), (64, 32, 4, 4, 0)]:
+        yield cfg + (0,)
+    # The compacting kernel: tile, warps, SLICE (input channels per program).
+    tiles = [(64, 32), (64, 64), (128, 16), (128, 32), (128, 64), (256, 16), (256, 32)]
     for bn, bk in tiles:
-        tile = bn * bk
-        for warps in ((4,) if tile <= 4096 else (4, 8)):
-            for pps in (1, 2, 4, 8):
-                yield (bn, bk, warps, pps, 0)
-            for pps in (2, 4):
-                yield (bn, bk, warps, pps, 1)
+        for warps in ((4,) if bn * bk <= 4096 else (4, 8)):
+            for slice_ in (256, 512, 1024, 2048):
+                yield (bn, bk, warps, 0, 0, slice_)
 
 
 def choose(raw):

@@ -20,7 +20,8 @@ needs_kernel = pytest.mark.skipif(not KERNEL, reason="no GPU and TRITON_INTERPRE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE): small blocks so that odd shapes need
 # several output blocks, K slices and tiles per slice.
-CFGS = [(32, 16, 4, 2, 0), (16, 8, 4, 3, 1), (64, 64, 4, 4, 0)]
+# SLICE (last) > 0: the compacting kernel.
+CFGS = [(32, 16, 4, 2, 0, 0), (16, 8, 4, 3, 1, 0), (32, 8, 4, 0, 0, 32), (16, 16, 4, 0, 1, 64)]
 # Tolerance: fp32 accumulation of products of dtype inputs; the output is rounded to the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -91,7 +92,7 @@ def test_keep_all_keep_none(dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cfg", CFGS[:2])
+@pytest.mark.parametrize("cfg", CFGS[1:3])
 def test_nan_inf_like_reference(dtype, cfg):
     """Rule: keep |x| > t. NaN compares false -> dropped; +-inf kept unless t = inf."""
     N, K = 40, 48
@@ -128,7 +129,7 @@ def test_segments_and_bias(dtype):
         bias = torch.randn(N).to(dtype).to(DEV)
         wt = prepare_weight(w)
         ref = ref32(x, wt, thr, splits, bias)
-        for cfg in CFGS[:2]:
+        for cfg in CFGS:
             y = _launch(x, wt, thr, splits, bias, cfg)
             assert rel_err(y, ref) < TOL[dtype], (splits, cfg)
         # the segments really use different thresholds
@@ -213,8 +214,8 @@ def test_cuda_graph_capture_and_determinism():
             g.replay()
             torch.cuda.synchronize()
             assert rel_err(yg, ref) < TOL[dtype]
-        for red in (0, 1):
-            outs = [_launch(x, wt, thr, (N,), None, (256, 32, 8, 4, red)) for _ in range(20)]
+        for red, slice_ in ((0, 0), (1, 0), (0, 512), (1, 256)):
+            outs = [_launch(x, wt, thr, (N,), None, (128, 32, 4, 4, red, slice_)) for _ in range(20)]
             for o in outs:
                 assert rel_err(o, ref) < TOL[dtype]
             if red == 1:  # fixed summation order: bitwise reproducible

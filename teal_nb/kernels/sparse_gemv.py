@@ -185,24 +185,124 @@ if HAVE_TRITON:
                 tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
 
 
+    @triton.jit
+    def _sparse_gemv_compact_kernel(
+        x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr, idx_ptr, xv_ptr,
+        N, K, stride_wk, B1, B2,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLICE: tl.constexpr,
+        REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    ):
+        """Compacting variant: the loop runs over kept channels only, so its trip count (and its
+        instruction count) falls with sparsity, where the masked loop above only saves bytes."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        split_k = tl.num_programs(1)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        seg = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
+        t = tl.load(thr_ptr + seg)
+
+        # 1. Threshold this program's slice of x and compact the kept channels: position of a
+        #    kept channel = number of kept channels before it (a prefix sum). Indices and values
+        #    go to a small scratch list, one per (segment, K slice). Programs of other output
+        #    blocks with the same (segment, slice) write identical lists to the same place, so
+        #    their overlapping writes are harmless, and each program reads only what it wrote.
+        offs_s = pid_k * SLICE + tl.arange(0, SLICE)
+        xs = tl.load(x_ptr + offs_s, mask=offs_s < K, other=0.0).to(tl.float32)
+        keep = (tl.abs(xs) > t) & (offs_s < K)  # NaN > t is False: dropped
+        ki = keep.to(tl.int32)
+        pos = tl.cumsum(ki, axis=0) - 1
+        count = tl.sum(ki, axis=0)
+        base = (seg * split_k + pid_k) * SLICE
+        tl.store(idx_ptr + base + pos, offs_s, mask=keep)
+        tl.store(xv_ptr + base + pos, xs, mask=keep)
+        tl.debug_barrier()  # the list is complete before any thread reads it
+
+        # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
+        #    row a contiguous BLOCK_N-wide segment), pipelined like the masked loop.
+        ar = tl.arange(0, BLOCK_K)
+        w_base = wt_ptr + offs_n[None, :]
+        v = ar < count
+        i_cur = tl.load(idx_ptr + base + ar, mask=v, other=0)
+        x_cur = tl.load(xv_ptr + base + ar, mask=v, other=0.0)
+        if EVEN_N:
+            w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None], other=0.0)
+        else:
+            w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None] & nmask[None, :],
+                            other=0.0)
+        v_nxt = (BLOCK_K + ar) < count
+        i_nxt = tl.load(idx_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0)
+        x_nxt = tl.load(xv_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0.0)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        n_tiles = tl.cdiv(count, BLOCK_K)
+        for i in range(1, n_tiles):
+            if EVEN_N:
+                w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk, mask=v_nxt[:, None], other=0.0)
+            else:
+                w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk,
+                                mask=v_nxt[:, None] & nmask[None, :], other=0.0)
+            j2 = (i + 1) * BLOCK_K + ar
+            v_nn = j2 < count
+            i_nn = tl.load(idx_ptr + base + j2, mask=v_nn, other=0)
+            x_nn = tl.load(xv_ptr + base + j2, mask=v_nn, other=0.0)
+            acc += w_cur.to(tl.float32) * x_cur[:, None]
+            x_cur = x_nxt
+            w_cur = w_nxt
+            x_nxt = x_nn
+            i_nxt = i_nn
+            v_nxt = v_nn
+        acc += w_cur.to(tl.float32) * x_cur[:, None]
+        part = tl.sum(acc, axis=0)
+
+        if split_k == 1:
+            if HAS_BIAS:
+                part += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, part, mask=nmask)
+        else:
+            if REDUCE == 0:
+                tl.atomic_add(acc_ptr + offs_n, part, mask=nmask, sem="relaxed")
+            else:
+                tl.store(acc_ptr + pid_k * N + offs_n, part, mask=nmask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == split_k - 1:
+                if REDUCE == 0:
+                    total = tl.load(acc_ptr + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+                    tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=nmask)
+                else:
+                    total = tl.zeros([BLOCK_N], tl.float32)
+                    for j in range(0, split_k):
+                        total += tl.load(acc_ptr + j * N + offs_n, mask=nmask, other=0.0,
+                                         cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + offs_n, total, mask=nmask)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+
+
 # Scratch (fp32 accumulator / partials and int32 arrival counters), one set per device, always
 # left zeroed by the kernel itself. Grown (never shrunk) on demand; prepare_weight pre-grows it
 # so that nothing is allocated inside a captured CUDA graph.
 _SCRATCH: dict = {}
 
 
-def _scratch(device: torch.device, n_acc: int, n_part: int, n_cnt: int):
-    """(zeroed fp32 accumulator, fp32 partials (no init needed), zeroed int32 counters)."""
+def _scratch(device: torch.device, n_acc: int, n_part: int, n_cnt: int, n_idx: int = 0):
+    """(zeroed fp32 accumulator, fp32 partials, zeroed int32 counters, int32 index list,
+    fp32 value list); only the accumulator and the counters need to start (and stay) zeroed."""
     key = (device.type, device.index)
-    acc, part, cnt = _SCRATCH.get(key, (None, None, None))
+    acc, part, cnt, idx, xv = _SCRATCH.get(key, (None,) * 5)
     if acc is None or acc.numel() < n_acc:
         acc = torch.zeros(max(n_acc, 1 << 15), dtype=torch.float32, device=device)
     if part is None or part.numel() < n_part:
         part = torch.empty(max(n_part, 1 << 15), dtype=torch.float32, device=device)
     if cnt is None or cnt.numel() < n_cnt:
         cnt = torch.zeros(max(n_cnt, 1 << 12), dtype=torch.int32, device=device)
-    _SCRATCH[key] = (acc, part, cnt)
-    return acc, part, cnt
+    if idx is None or idx.numel() < n_idx:
+        idx = torch.empty(max(n_idx, 1 << 15), dtype=torch.int32, device=device)
+        xv = torch.empty(max(n_idx, 1 << 15), dtype=torch.float32, device=device)
+    _SCRATCH[key] = (acc, part, cnt, idx, xv)
+    return acc, part, cnt, idx, xv
 
 
 def _fit_block_n(block_n: int, block_k: int, splits) -> tuple[int, int]:
@@ -237,12 +337,13 @@ def _grid(N, K, block_n, block_k, progs_per_sm, device):
 def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg) -> torch.Tensor:
     """One token: x1 [K] contiguous -> y [N] in x1's dtype.
 
-    cfg = (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE): tile shape, warps per program,
-    how many programs per SM the split-K grid aims at, and the split-K reduction (0 atomic, 1
-    deterministic).
+    cfg = (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE): tile shape, warps per
+    program, the split-K reduction (0 atomic, 1 deterministic), and the variant: SLICE = 0 is the
+    masked loop with about PROGS_PER_SM programs per SM; SLICE > 0 (a power of two) is the
+    compacting kernel, each program owning SLICE input channels (PROGS_PER_SM unused).
     """
     K, N = wt.shape
-    block_n, block_k, num_warps, pps, reduce = cfg
+    block_n, block_k, num_warps, pps, reduce, slice_ = (tuple(cfg) + (0,))[:6]
     block_n, block_k = _fit_block_n(block_n, block_k, splits)
     block_n = min(block_n, triton.next_power_of_2(N))
     block_k = min(block_k, triton.next_power_of_2(K))
@@ -253,21 +354,30 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
             y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias,
-                                         (block_n, block_k, num_warps, pps, reduce))
+                                         (block_n, block_k, num_warps, pps, reduce, slice_))
             start += n
         return y
     if len(bounds) > 2:
         raise ValueError("at most 3 segments per fused launch")
     b1 = bounds[0] if len(bounds) >= 1 else N
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, REDUCE=reduce, HAS_BIAS=bias is not None,
+                  EVEN_N=N % block_n == 0, num_warps=num_warps)
+    bias_arg = bias if bias is not None else y
+    if slice_:
+        slice_ = max(block_k, min(slice_, triton.next_power_of_2(K)))
+        grid_n, split_k = triton.cdiv(N, block_n), triton.cdiv(K, slice_)
+        acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n,
+                                           3 * split_k * slice_)
+        _sparse_gemv_compact_kernel[(grid_n, split_k)](
+            x1, wt, thr, bias_arg, y, part if reduce else acc, cnt, idx, xv,
+            N, K, wt.stride(0), b1, b2, SLICE=slice_, **common)
+        return y
     grid_n, split_k, iters = _grid(N, K, block_n, block_k, pps, x1.device)
-    acc, part, cnt = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n)
+    acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
-        x1, wt, thr, bias if bias is not None else y, y, part if reduce else acc, cnt,
-        N, K, wt.stride(0), b1, b2, iters,
-        BLOCK_N=block_n, BLOCK_K=block_k, REDUCE=reduce, HAS_BIAS=bias is not None,
-        EVEN_N=N % block_n == 0, num_warps=num_warps,
-    )
+        x1, wt, thr, bias_arg, y, part if reduce else acc, cnt,
+        N, K, wt.stride(0), b1, b2, iters, **common)
     return y
 
 
@@ -340,7 +450,7 @@ def prepare_weight(w) -> torch.Tensor:
         from .tuning import config_for
 
         K, N = wt.shape
-        bn, bk, _, _, reduce = config_for(N, K)
+        bn, bk, _, _, reduce, slice_ = config_for(N, K)
         _scratch(wt.device, N, N * triton.cdiv(K, max(1, min(bk, K))) if reduce else 0,
-                 triton.cdiv(N, 16))
+                 triton.cdiv(N, 16), 3 * (K + max(slice_, bk)))
     return wt

@@ -1,20 +1,21 @@
 """Launch configurations of the sparse GEMV kernel, keyed by (N, K), chosen by measurement.
 
-A config is (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE). The table was filled by
+A config is (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE); SLICE = 0 selects
+the masked kernel, SLICE > 0 the compacting one (see sparse_gemv._launch). The table was filled by
 `kernels/tune_gemv.py` on one NVIDIA H200 (its raw sweep is kernels/results/h200/gemv_tune.json):
 for each shape the config with the lowest summed time over sparsities 0, 0.5 and 0.8.
 Shapes not in the table get `default_config`, a rule fitted to the same sweep.
 """
 from __future__ import annotations
 
-TABLE: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+TABLE: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
 }
 
 
-def default_config(N: int, K: int) -> tuple[int, int, int, int, int]:
-    block_n = 256 if N >= 4096 else 128 if N >= 1024 else 64
-    return (block_n, 32, 8 if block_n >= 256 else 4, 4, 0)
+def default_config(N: int, K: int) -> tuple[int, int, int, int, int, int]:
+    block_n = 128 if N >= 1024 else 64
+    return (block_n, 32, 4, 0, 0, 512)
 
 
-def config_for(N: int, K: int) -> tuple[int, int, int, int, int]:
+def config_for(N: int, K: int) -> tuple[int, int, int, int, int, int]:
     return TABLE.get((N, K)) or default_config(N, K)
