@@ -26,7 +26,7 @@ def set_theme(context: str = "notebook") -> None:
 
     sns.set_theme(context=context, style="whitegrid", palette="colorblind", font_scale=0.85)
     mpl.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
-                         "axes.titlesize": "medium", "axes.titleweight": "semibold",
+                         "axes.titlesize": "medium", "axes.titleweight": "bold",
                          "legend.frameon": False, "figure.constrained_layout.use": True})
 
 
