@@ -143,3 +143,18 @@ def test_sparsity_at_inverts_the_histogram_quantile(fits):
     got = D.sparsity_at(h, f.thresholds(0.5, "gaussian"))[0]
     assert got[0].item() == pytest.approx(0.5, abs=0.01) and got[1].item() > 0.55
     assert D.sparsity_at(h, torch.full((1, 4), -1.0)).eq(0).all()
+
+
+def test_fit_command_summary_and_arguments(fits):
+    import argparse
+
+    from teal_nb.commands import fit as fit_cmd
+
+    _, f = fits
+    s = fit_cmd.summary(f)
+    assert s["attn_in"]["gaussian_better_layers"] == 1 and s["attn_out"]["laplace_better_layers"] == 1
+    assert s["mlp_in"]["beta_median"] == pytest.approx(0.7, rel=0.03)
+    p = argparse.ArgumentParser()
+    fit_cmd.add_arguments(p)
+    args = p.parse_args(["--model", "smollm2-135m", "--json"])
+    assert args.json and args.model == "smollm2-135m" and args.sequences is None
