@@ -22,16 +22,15 @@ SPARS = (0.0, 0.5, 0.8)
 
 
 def configs():
-    # The masked kernel (SLICE = 0): the best configs of the v2 sweep (gemv_tune_v2_masked.json).
-    for cfg in [(64, 64, 4, 4, 0), (128, 32, 4, 4, 0), (512, 8, 4, 4, 0), (64, 32, 4, 8, 0),
-                (64, 32, 4, 2, 0), (64, 64, 4, 1, 0), (64, 64, 4, 2, 0), (64, 32, 4, 4, 0)]:
-        yield cfg + (0,)
-    # The compacting kernel: tile, warps, SLICE (input channels per program).
-    tiles = [(64, 32), (64, 64), (128, 16), (128, 32), (128, 64), (256, 16), (256, 32)]
-    for bn, bk in tiles:
-        for warps in ((4,) if bn * bk <= 4096 else (4, 8)):
-            for slice_ in (256, 512, 1024, 2048):
-                yield (bn, bk, warps, 0, 0, slice_)
+    # Sweep 3 (NUM_STAGES): the best of sweep 2 (gemv_tune_v3.json), then the compacting kernel
+    # pipelined by Triton (tile, SLICE, stages). Sweep 2 also had masked configs with 1-8 programs
+    # per SM and the compacting kernel with its hand pipeline (NUM_STAGES = 0).
+    yield from [(64, 64, 4, 4, 0, 0, 0), (512, 8, 4, 4, 0, 0, 0), (256, 32, 4, 0, 0, 1024, 0),
+                (128, 32, 4, 0, 0, 512, 0), (128, 64, 4, 0, 0, 2048, 0)]
+    for bn, bk in [(64, 64), (128, 32), (128, 64), (256, 16), (256, 32)]:
+        for slice_ in (512, 1024, 2048):
+            for stages in (3, 4):
+                yield (bn, bk, 4, 0, 0, slice_, stages)
 
 
 def choose(raw):

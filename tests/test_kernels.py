@@ -21,7 +21,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE): small blocks so that odd shapes need
 # several output blocks, K slices and tiles per slice.
 # SLICE (last) > 0: the compacting kernel.
-CFGS = [(32, 16, 4, 2, 0, 0), (16, 8, 4, 3, 1, 0), (32, 8, 4, 0, 0, 32), (16, 16, 4, 0, 1, 64)]
+# SLICE (6th) > 0: the compacting kernel; NUM_STAGES (7th) > 0: its loop pipelined by Triton.
+CFGS = [(32, 16, 4, 2, 0, 0), (16, 8, 4, 3, 1, 0), (32, 8, 4, 0, 0, 32), (16, 16, 4, 0, 1, 64, 3)]
 # Tolerance: fp32 accumulation of products of dtype inputs; the output is rounded to the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -214,8 +215,8 @@ def test_cuda_graph_capture_and_determinism():
             g.replay()
             torch.cuda.synchronize()
             assert rel_err(yg, ref) < TOL[dtype]
-        for red, slice_ in ((0, 0), (1, 0), (0, 512), (1, 256)):
-            outs = [_launch(x, wt, thr, (N,), None, (128, 32, 4, 4, red, slice_)) for _ in range(20)]
+        for red, slice_, st in ((0, 0, 0), (1, 0, 0), (0, 512, 0), (1, 256, 0), (0, 1024, 3), (1, 512, 4)):
+            outs = [_launch(x, wt, thr, (N,), None, (128, 32, 4, 4, red, slice_, st)) for _ in range(20)]
             for o in outs:
                 assert rel_err(o, ref) < TOL[dtype]
             if red == 1:  # fixed summation order: bitwise reproducible

@@ -191,6 +191,7 @@ if HAVE_TRITON:
         N, K, stride_wk, B1, B2,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLICE: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop above only saves bytes."""
@@ -220,39 +221,55 @@ if HAVE_TRITON:
         tl.debug_barrier()  # the list is complete before any thread reads it
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
-        #    row a contiguous BLOCK_N-wide segment), pipelined like the masked loop.
+        #    row a contiguous BLOCK_N-wide segment). NUM_STAGES > 0: Triton's software pipeliner
+        #    keeps NUM_STAGES - 1 tiles in flight through shared memory; NUM_STAGES = 0: the
+        #    register pipeline by hand (one tile ahead), as in the masked kernel.
         ar = tl.arange(0, BLOCK_K)
         w_base = wt_ptr + offs_n[None, :]
-        v = ar < count
-        i_cur = tl.load(idx_ptr + base + ar, mask=v, other=0)
-        x_cur = tl.load(xv_ptr + base + ar, mask=v, other=0.0)
-        if EVEN_N:
-            w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None], other=0.0)
-        else:
-            w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None] & nmask[None, :],
-                            other=0.0)
-        v_nxt = (BLOCK_K + ar) < count
-        i_nxt = tl.load(idx_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0)
-        x_nxt = tl.load(xv_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0.0)
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         n_tiles = tl.cdiv(count, BLOCK_K)
-        for i in range(1, n_tiles):
+        if NUM_STAGES > 0:
+            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
+                j = i * BLOCK_K + ar
+                v = j < count
+                ii = tl.load(idx_ptr + base + j, mask=v, other=0)
+                xv = tl.load(xv_ptr + base + j, mask=v, other=0.0)
+                if EVEN_N:
+                    w = tl.load(w_base + ii[:, None] * stride_wk, mask=v[:, None], other=0.0)
+                else:
+                    w = tl.load(w_base + ii[:, None] * stride_wk, mask=v[:, None] & nmask[None, :],
+                                other=0.0)
+                acc += w.to(tl.float32) * xv[:, None]
+        else:
+            v = ar < count
+            i_cur = tl.load(idx_ptr + base + ar, mask=v, other=0)
+            x_cur = tl.load(xv_ptr + base + ar, mask=v, other=0.0)
             if EVEN_N:
-                w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk, mask=v_nxt[:, None], other=0.0)
+                w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None], other=0.0)
             else:
-                w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk,
-                                mask=v_nxt[:, None] & nmask[None, :], other=0.0)
-            j2 = (i + 1) * BLOCK_K + ar
-            v_nn = j2 < count
-            i_nn = tl.load(idx_ptr + base + j2, mask=v_nn, other=0)
-            x_nn = tl.load(xv_ptr + base + j2, mask=v_nn, other=0.0)
+                w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None] & nmask[None, :],
+                                other=0.0)
+            v_nxt = (BLOCK_K + ar) < count
+            i_nxt = tl.load(idx_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0)
+            x_nxt = tl.load(xv_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0.0)
+            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            for i in range(1, n_tiles):
+                if EVEN_N:
+                    w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk, mask=v_nxt[:, None], other=0.0)
+                else:
+                    w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk,
+                                    mask=v_nxt[:, None] & nmask[None, :], other=0.0)
+                j2 = (i + 1) * BLOCK_K + ar
+                v_nn = j2 < count
+                i_nn = tl.load(idx_ptr + base + j2, mask=v_nn, other=0)
+                x_nn = tl.load(xv_ptr + base + j2, mask=v_nn, other=0.0)
+                acc += w_cur.to(tl.float32) * x_cur[:, None]
+                x_cur = x_nxt
+                w_cur = w_nxt
+                x_nxt = x_nn
+                i_nxt = i_nn
+                v_nxt = v_nn
             acc += w_cur.to(tl.float32) * x_cur[:, None]
-            x_cur = x_nxt
-            w_cur = w_nxt
-            x_nxt = x_nn
-            i_nxt = i_nn
-            v_nxt = v_nn
-        acc += w_cur.to(tl.float32) * x_cur[:, None]
         part = tl.sum(acc, axis=0)
 
         if split_k == 1:
@@ -337,13 +354,14 @@ def _grid(N, K, block_n, block_k, progs_per_sm, device):
 def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg) -> torch.Tensor:
     """One token: x1 [K] contiguous -> y [N] in x1's dtype.
 
-    cfg = (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE): tile shape, warps per
+    cfg = (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, NUM_STAGES]): tile shape, warps per
     program, the split-K reduction (0 atomic, 1 deterministic), and the variant: SLICE = 0 is the
     masked loop with about PROGS_PER_SM programs per SM; SLICE > 0 (a power of two) is the
-    compacting kernel, each program owning SLICE input channels (PROGS_PER_SM unused).
+    compacting kernel, each program owning SLICE input channels (PROGS_PER_SM unused), its loop
+    pipelined by Triton with NUM_STAGES stages (0: by hand in registers).
     """
     K, N = wt.shape
-    block_n, block_k, num_warps, pps, reduce, slice_ = (tuple(cfg) + (0,))[:6]
+    block_n, block_k, num_warps, pps, reduce, slice_, stages = (tuple(cfg) + (0, 0))[:7]
     block_n, block_k = _fit_block_n(block_n, block_k, splits)
     block_n = min(block_n, triton.next_power_of_2(N))
     block_k = min(block_k, triton.next_power_of_2(K))
@@ -354,7 +372,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
             y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias,
-                                         (block_n, block_k, num_warps, pps, reduce, slice_))
+                                         (block_n, block_k, num_warps, pps, reduce, slice_, stages))
             start += n
         return y
     if len(bounds) > 2:
@@ -371,7 +389,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
                                            3 * split_k * slice_)
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if reduce else acc, cnt, idx, xv,
-            N, K, wt.stride(0), b1, b2, SLICE=slice_, **common)
+            N, K, wt.stride(0), b1, b2, SLICE=slice_, NUM_STAGES=stages, **common)
         return y
     grid_n, split_k, iters = _grid(N, K, block_n, block_k, pps, x1.device)
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n)
@@ -450,7 +468,7 @@ def prepare_weight(w) -> torch.Tensor:
         from .tuning import config_for
 
         K, N = wt.shape
-        bn, bk, _, _, reduce, slice_ = config_for(N, K)
+        bn, bk, _, _, reduce, slice_ = config_for(N, K)[:6]
         _scratch(wt.device, N, N * triton.cdiv(K, max(1, min(bk, K))) if reduce else 0,
                  triton.cdiv(N, 16), 3 * (K + max(slice_, bk)))
     return wt

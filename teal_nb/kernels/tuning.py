@@ -8,7 +8,19 @@ Shapes not in the table get `default_config`, a rule fitted to the same sweep.
 """
 from __future__ import annotations
 
-TABLE: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
+TABLE: dict[tuple[int, ...], tuple[int, ...]] = {
+    (6144, 4096): (128, 32, 4, 0, 0, 512),  # qkv_fused
+    (4096, 4096): (64, 64, 4, 4, 0, 0),  # q|o
+    (1024, 4096): (64, 64, 4, 4, 0, 0),  # k|v
+    (28672, 4096): (256, 32, 4, 0, 0, 2048),  # gate_up_fused
+    (14336, 4096): (256, 32, 4, 0, 0, 1024),  # gate|up
+    (4096, 14336): (256, 32, 4, 0, 0, 1024),  # down
+    (960, 576): (64, 32, 4, 8, 0, 0),  # smol_qkv_fused
+    (576, 576): (64, 32, 4, 2, 0, 0),  # smol_q|o
+    (192, 576): (64, 32, 4, 4, 0, 0),  # smol_k|v
+    (3072, 576): (64, 64, 4, 2, 0, 0),  # smol_gate_up_fused
+    (1536, 576): (64, 64, 4, 1, 0, 0),  # smol_gate|up
+    (576, 1536): (64, 64, 4, 1, 0, 0),  # smol_down
 }
 
 
