@@ -108,7 +108,11 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
     if device.startswith("cuda"):
         import torch._inductor.config as ic
 
-        ic.coordinate_descent_tuning = True
+        # gpt-fast's settings, less coordinate-descent tuning (minutes of compile for the few
+        # small fused kernels around the GEMVs): TEAL_COORDINATE_DESCENT=1 turns it on.
+        import os as _os
+
+        ic.coordinate_descent_tuning = _os.environ.get("TEAL_COORDINATE_DESCENT") == "1"
         ic.triton.unique_kernel_names = True
         ic.fx_graph_cache = True
     prov = provenance(command)

@@ -80,7 +80,7 @@ def test_greedy_matches_hf(smollm, dec, ids):
 
 @pytest.fixture(scope="module")
 def thresholds(dec, ids):
-    return calibrate_decode(dec, ids, 8, 0.5, iters=1)
+    return calibrate_decode(dec, ids, 6, 0.5, iters=1)
 
 
 @torch.no_grad()
@@ -89,17 +89,17 @@ def test_torch_sparse_matches_hf_sparsify(smollm, dec, ids, thresholds):
 
     model, _ = smollm
     dec.set_sparsity(thresholds, backend="torch", prefill="none")
-    realized, out = measure_realized(dec, ids, 8)
+    realized, out = measure_realized(dec, ids, 6)
     tokens = out[0, ids.shape[1]:]
     got = _dec_steps(dec, ids, tokens)
     with sparsify(model, thresholds, prefill="none") as sp:
         ref = _hf_steps(model, ids, tokens)
         hf_realized = sp.realized()
-        hf_out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        hf_out = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
     assert torch.equal(out, hf_out)  # sparse greedy generation: the same tokens
-    # measure_realized counted the 7 sparse decode steps; HF counted those plus _hf_steps' 7 (the same
-    # tokens) and generate's 7: the same fractions.
+    # measure_realized counted the 5 sparse decode steps; HF counted those plus _hf_steps' 5 (the same
+    # tokens) and generate's 5: the same fractions.
     assert torch.allclose(realized, hf_realized, atol=1e-6)
     assert 0.3 < realized.mean() < 0.6
 
@@ -159,15 +159,15 @@ def test_triton_projections_match_torch(dtype):
 
 @torch.no_grad()
 def test_calibration_hits_target_per_site():
-    p = get_preset("llama-3-8b").with_(n_layers=3, hidden=256, intermediate=512, n_heads=8, n_kv_heads=2, vocab=512)
-    d = Decoder.random(p, "float32", "cpu", max_seq_len=40, seed=1)
+    p = get_preset("llama-3-8b").with_(n_layers=2, hidden=256, intermediate=512, n_heads=8, n_kv_heads=2, vocab=512)
+    d = Decoder.random(p, "float32", "cpu", max_seq_len=32, seed=1)
     ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(2))
-    forced, _ = d.generate(ids, 30)  # every pass decodes this sequence (teacher forcing)
+    forced, _ = d.generate(ids, 24)  # every pass decodes this sequence (teacher forcing)
     for target in (0.5, nonuniform_allocation(d.cfg, 0.4)):
-        alloc = torch.as_tensor(target).expand(3, len(SITES))
-        th = calibrate_decode(d, ids, 30, alloc, iters=4, tol=0.01, forced=forced)
+        alloc = torch.as_tensor(target).expand(2, len(SITES))
+        th = calibrate_decode(d, ids, 24, alloc, iters=4, tol=0.01, forced=forced)
         d.set_sparsity(th, backend="torch")
-        realized, _ = measure_realized(d, ids, 30, forced=forced)
+        realized, _ = measure_realized(d, ids, 24, forced=forced)
         assert (realized - alloc).abs().max() < 0.02, realized - alloc
 
 
@@ -210,7 +210,7 @@ def test_bench_decode_smoke(tmp_path):
 def test_generate_cli(capsys):
     from teal_nb.cli import main
 
-    assert main(["generate", "--sparsity", "0.4", "--calibration", "decode", "--max-new-tokens", "4",
+    assert main(["generate", "--sparsity", "0.4", "--calibration", "decode", "--max-new-tokens", "3",
                  PROMPT]) == 0
     out = capsys.readouterr().out
     assert out.startswith(PROMPT) and "tok/s" in out and "realized sparsity" in out
