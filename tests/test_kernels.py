@@ -48,13 +48,13 @@ def ref32(x, wt, thr, splits=None, bias=None):
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K", [(100, 70), (33, 129), (257, 48)])
-@pytest.mark.parametrize("s", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("s", [0.0, 0.9])
 def test_odd_shapes(dtype, N, K, s):
     w, x, t = make(N, K, dtype, s, seed=N + K)
     wt = prepare_weight(w)
     thr = torch.tensor([t], device=DEV)
     ref = ref32(x, wt, thr)
-    for cfg in CFGS:
+    for cfg in CFGS if DEV == "cuda" else CFGS[(N + int(10 * s)) % 2::2]:  # CPU: half, in turn
         y = _launch(x, wt, thr, (N,), None, cfg)
         assert y.dtype == dtype and y.shape == (N,)
         assert rel_err(y, ref) < TOL[dtype], cfg
@@ -64,7 +64,7 @@ def test_odd_shapes(dtype, N, K, s):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("s", [0.0, 0.25, 0.5, 0.65, 0.8, 0.99])
 def test_sparsities_public_api(dtype, s):
-    N, K = 96, 160
+    N, K = 96, 96
     w, x, t = make(N, K, dtype, s, seed=int(100 * s))
     wt = prepare_weight(w)
     thr = torch.tensor([t], device=DEV)
@@ -123,14 +123,14 @@ def test_nan_inf_like_reference(dtype, cfg):
 def test_segments_and_bias(dtype):
     """Fused QKV-like: one launch, three thresholds; splits aligned and not aligned to BLOCK_N."""
     for splits in [(64, 32, 32), (48, 24, 24), (40, 40)]:
-        N, K = sum(splits), 72
+        N, K = sum(splits), 40
         w, x, _ = make(N, K, dtype, 0.0, seed=N)
         q = torch.tensor([0.2, 0.5, 0.8][:len(splits)])
         thr = torch.quantile(x.float().abs().cpu(), q).float().to(DEV)
         bias = torch.randn(N).to(dtype).to(DEV)
         wt = prepare_weight(w)
         ref = ref32(x, wt, thr, splits, bias)
-        for cfg in CFGS:
+        for cfg in CFGS if DEV == "cuda" else CFGS[len(splits) % 2::2]:
             y = _launch(x, wt, thr, splits, bias, cfg)
             assert rel_err(y, ref) < TOL[dtype], (splits, cfg)
         # the segments really use different thresholds
