@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from teal_nb.kernels import prepare_weight, sparse_gemv, sparse_gemv_reference
-from teal_nb.kernels.sparse_gemv import HAVE_TRITON, INTERPRET, _launch
+from teal_nb.kernels.gemv import HAVE_TRITON, INTERPRET, _launch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL = HAVE_TRITON and (DEV == "cuda" or INTERPRET)

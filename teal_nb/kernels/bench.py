@@ -96,7 +96,7 @@ class ShapeBench:
     """Weights (rotating copies, both layouts) and a token for one (shape, dtype)."""
 
     def __init__(self, N, K, splits, dtype, seed=0):
-        from .sparse_gemv import prepare_weight
+        from .gemv import prepare_weight
 
         g = torch.Generator(device="cuda").manual_seed(seed)
         self.N, self.K, self.dtype = N, K, dtype
@@ -112,7 +112,7 @@ class ShapeBench:
         return graph_us([lambda w=w: F(x, w) for w in self.w], **kw)
 
     def sparse_us(self, thr, cfg=None, **kw):
-        from .sparse_gemv import _launch, sparse_gemv
+        from .gemv import _launch, sparse_gemv
 
         x, splits = self.x, self.splits
         if cfg is None:
@@ -128,7 +128,7 @@ class ShapeBench:
 
     def accuracy(self, thr, cfg=None):
         """(rel_err of the kernel, rel_err of cuBLAS on the masked input), both vs fp32."""
-        from .sparse_gemv import _launch, sparse_gemv, sparse_gemv_reference
+        from .gemv import _launch, sparse_gemv, sparse_gemv_reference
 
         x, wt = self.x, self.wt[0]
         ref = sparse_gemv_reference(x.float(), wt, thr, self.splits).double()

@@ -1,7 +1,7 @@
 """Launch configurations of the sparse GEMV kernel, keyed by (N, K), chosen by measurement.
 
 A config is (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, NUM_STAGES]); SLICE = 0
-selects the masked kernel, SLICE > 0 the compacting one (see sparse_gemv._launch). The table was filled by
+selects the masked kernel, SLICE > 0 the compacting one (see gemv._launch). The table was filled by
 `kernels/tune_gemv.py` on one NVIDIA H200: for each shape the config with the lowest sum over
 sparsities 0, 0.5 and 0.8 of time / best time. Llama-3-8B shapes from the last sweep
 (kernels/results/h200/gemv_tune.json), the embedded model's from the one before
