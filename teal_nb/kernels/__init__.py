@@ -13,6 +13,10 @@ Sparse GEMV (TEAL's decode kernel), the API the decoder uses::
         # dropped, +-inf kept unless t = inf). Returns [..., N] in x's dtype, fp32 accumulation.
     y_ref = sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None)   # pure torch, fp32
 
+Keep `thresholds` on x's device (a CPU tensor is copied on every call, which a CUDA graph
+cannot capture). Launch configs per (N, K) are in `tuning.py` (measured on an H200); the
+kernels and their design notes are in `gemv.py`, the benchmark in `bench.py`.
+
 `sparse_gemv` is the torch custom op `torch.ops.teal_nb.sparse_gemv` (torch.compile and CUDA
 graphs capture it). One token (x with one row) runs the Triton kernel on a GPU, or on CPU when
 TRITON_INTERPRET=1 was set before this package was imported; several rows on a GPU mask x

@@ -6,24 +6,30 @@ At batch 1 a decoder projection is a matrix-vector product whose cost is reading
 zeroed, column k of W is never needed. We store W transposed, `wt = W.T` with shape [K, N], so
 that input channel k is one contiguous row of `wt`: skipping it skips whole 128-byte sectors.
 
-The kernel (one launch, no zero-fill):
+Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by measurement:
 
-* The grid is (N / BLOCK_N) x SPLIT_K: program (i, j) owns output columns
-  i*BLOCK_N : (i+1)*BLOCK_N and one K slice of ITERS tiles of BLOCK_K input channels. SPLIT_K is
-  chosen so that there are a few programs per SM (about one wave): each program then streams
-  a long slice and pays its fixed costs (the x load before the first W load, the arrival counter
-  at the end) once. A first version with one tile per program and thousands of programs spent
-  most of its time in those fixed costs (see kernels/README.md).
-* For each tile it loads BLOCK_K entries of x, keeps the rows with |x| > t, and loads only those
-  rows of the W^T tile (a masked load: a masked-off row issues no memory transaction). The loop
-  is software-pipelined by hand: the next tile's W load is issued before the current tile's
-  multiply-add, and x two tiles ahead, so loads stay in flight. Products are summed in fp32.
+* Both: the grid is (N / BLOCK_N) x SPLIT_K; program (i, j) owns output columns
+  i*BLOCK_N : (i+1)*BLOCK_N and one slice of the K input channels. There are only a few
+  programs per SM, each streaming a long slice, so that fixed costs per program (the x load
+  before the first W load, the arrival counter at the end) are paid about once per SM. A first
+  version with one tile per program and thousands of programs spent most of its time in those
+  fixed costs (see kernels/README.md).
+* `_sparse_gemv_kernel` (masked): for each BLOCK_K tile of its slice it loads x, keeps the rows
+  with |x| > t, and loads only those rows of the W^T tile (a masked-off row issues no memory
+  transaction). Software-pipelined by hand: the next tile's W load is issued before the current
+  tile's multiply-add, x two tiles ahead. Its trip count does not fall with sparsity.
+* `_sparse_gemv_compact_kernel` (compacting): thresholds its whole slice (SLICE channels) at
+  once, writes the kept channels' indices and values to a small scratch list with a prefix sum,
+  then loops over kept rows only, BLOCK_K gathered rows at a time; the trip count falls with
+  sparsity. Its loop is pipelined by Triton (NUM_STAGES > 0) or by hand (NUM_STAGES = 0).
+* Products are summed in fp32.
 * The partial sums of the K slices of one output block are combined without a second launch:
   REDUCE=0 adds them with fp32 atomics into a scratch vector; REDUCE=1 stores them into a
   scratch matrix [SPLIT_K, N] (deterministic). Then each program increments the block's arrival
-  counter; the program that arrives last reads the total (REDUCE=0: the sum and store zeros, leaving the scratch clean; REDUCE=1: sums the slices in a fixed order),
-  adds the bias, writes y in the output dtype and resets the counter. Scratch is allocated once
-  per device and always left clean, so no zero-fill pass is needed and any output dtype works.
+  counter; the program that arrives last reads the total (REDUCE=0: reads the sum and stores
+  zeros, leaving the scratch clean; REDUCE=1: sums the slices in a fixed order), adds the bias,
+  writes y in the output dtype and resets the counter. Scratch is allocated once per device and
+  always left clean, so no zero-fill pass is needed and any output dtype works.
 * Fused projections (QKV, gate/up) pass one threshold per output segment; a program's segment
   is the one its first output column falls in (segments are multiples of BLOCK_N, the wrapper
   shrinks BLOCK_N until they are, or launches per segment).
