@@ -234,9 +234,13 @@ class Decoder(nn.Module):
     def setup_cache(self, max_seq_len: int, batch: int = 1) -> None:
         cfg = self.cfg
         self.max_seq_len, self.batch = max_seq_len, batch
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
+        # One buffer per layer and per K/V, written in place at each step. (A single [L, ...]
+        # buffer indexed per layer made inductor copy the whole cache at every layer: a write
+        # into a view of a buffer is functionalized into a copy of its base.)
+        shape = (batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        for blk in self.layers:
+            blk.register_buffer("k_cache", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
+            blk.register_buffer("v_cache", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
         if hasattr(self, "cos") and self.cos.shape[0] < max_seq_len:
             self.set_rope()
         self._compiled = None
@@ -342,7 +346,7 @@ class Decoder(nn.Module):
         cos, sin = self.cos[input_pos], self.sin[input_pos]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        kc, vc = self.k_cache[li], self.v_cache[li]
+        kc, vc = self.layers[li].k_cache, self.layers[li].v_cache
         kc[:, :, input_pos] = k
         vc[:, :, input_pos] = v
         # Grouped-query attention without copying the cache per query head: the g = n_heads /
