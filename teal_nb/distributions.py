@@ -14,7 +14,7 @@ next to the spread and are reported beside the fits. Each law is the maximum-lik
     gennorm   f(x) = beta / (2 alpha Gamma(1/beta)) exp(-|x / alpha|^beta)
               alpha = (beta E|x|^beta)^(1/beta) for each beta, and beta maximises the profile
               log-likelihood (1-D search); E|x|^beta from the histogram with each bin's mass at its
-              centre (runs of 4 bins, 2.4% wide, merged for speed: the binning error is far below the
+              centre (runs of 4 bins, 2.3% wide, merged for speed: the binning error is far below the
               differences we read).
               beta = 2 is the Gaussian, beta = 1 the Laplace; beta < 1 is heavier-tailed than Laplace.
 
