@@ -43,7 +43,7 @@ def run(args) -> int:
     res = run_bench(args.preset, tuple(d for d in args.dtypes.split(",") if d), args.sparsities,
                     args.nonuniform_at, args.runs, args.warmup, args.new_tokens, args.prompt_len,
                     args.backend, device, None if args.no_compile else "reduce-overhead", args.n_layers,
-                    calib_prompt=args.calib_prompt, budget_s=args.budget_s, out=args.out or None, command="teal-nb " + " ".join(sys.argv[1:]))
+                    calib_prompt=args.calib_prompt, budget_s=args.budget_s, out=args.out or None, command=" ".join(sys.argv))
     print(format_table(res["records"]))
     if args.out:
         print(f"wrote {args.out}")
