@@ -265,27 +265,30 @@ def compute_allocation(model: nn.Module, tok=None, cfg: GreedyConfig | None = No
                 if m.get("fingerprint") != fp:
                     continue  # another model or other settings: recomputed below
                 done[int(m["layer"])] = (g.get_tensor("sparsity"), g.get_tensor("error"),
-                                         g.get_tensor("uniform_error"), float(m["seconds"]))
+                                         g.get_tensor("uniform_error"), float(m["seconds"]),
+                                         float(m.get("cpu_seconds", "nan")))
     todo = [i for i in range(L) if i not in done]
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     if todo:
         inputs, cos, sin = layer_inputs(model, batches, todo)
-        t_inputs = time.perf_counter() - t_start
+        t_inputs, c_inputs = time.perf_counter() - t_start, time.process_time() - c_start
         T = cfg.seq_len
         s0, e0 = sparse_range(T, cfg.prefill), T - max(1, round(T * cfg.last_fraction))
         bar = tqdm(todo, desc="greedy layers", disable=not progress)
         for i in bar:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             layer = decoder_layers(model)[i]
             runner = BlockRunner(layer, sites[i], inputs.pop(i), cos, sin, s0, e0)
             target = runner.run(None, {s: -1.0 for s in SITES})["y"]  # dense output
             path = greedy_layer(runner, target, SiteThresholds(hist, i, cfg.method), params, cfg,
                                 progress=progress, desc=f"layer {i}")
             seconds = time.perf_counter() - t0 + (t_inputs if i == todo[0] else 0.0)
-            done[i] = (*path, seconds)
+            cpu = time.process_time() - c0 + (c_inputs if i == todo[0] else 0.0)
+            done[i] = (*path, seconds, cpu)
             tensors = {"sparsity": path[0], "error": path[1], "uniform_error": path[2]}
             _atomic(partial / f"layer-{i:03d}.safetensors", lambda tmp: save_file(
-                tensors, tmp, metadata={"fingerprint": fp, "layer": str(i), "seconds": repr(seconds)}))
+                tensors, tmp, metadata={"fingerprint": fp, "layer": str(i), "seconds": repr(seconds),
+                                       "cpu_seconds": repr(cpu)}))
             bar.set_postfix(err=f"{float(path[1][-1]):.3g}", uniform=f"{float(path[2][-1]):.3g}")
             del runner
             if callback is not None:
@@ -303,7 +306,9 @@ def compute_allocation(model: nn.Module, tok=None, cfg: GreedyConfig | None = No
         meta={"calibration": {"data": "c4" if tok is not None else "given", "sequences": cfg.sequences,
                               "seq_len": cfg.seq_len, "seed": cfg.seed},
               "histograms": hist.meta, "teal_defaults": TEAL_DEFAULTS,
+              # Wall time depends on what else runs on the machine; CPU time (all threads) much less.
               "seconds_total": sum(seconds), "seconds_per_layer": seconds,
+              "cpu_seconds_total": sum(done[i][4] for i in range(L)),
               "resumed_layers": L - len(todo), "provenance": provenance("teal_nb.greedy.compute_allocation")})
     alloc.save(out)
     shutil.rmtree(partial, ignore_errors=True)

@@ -61,6 +61,7 @@ def run(args):
                "layers": alloc.n_layers, "rows": int(alloc.sparsity.shape[1]),
                "max_sparsity": alloc.max_sparsity, "wall_s_this_run": round(wall, 1),
                "seconds_total_all_runs": round(alloc.meta["seconds_total"], 1),
+               "cpu_seconds_total_all_runs": round(alloc.meta["cpu_seconds_total"], 1),
                "resumed_layers": alloc.meta["resumed_layers"], "threads": torch.get_num_threads()}
     for target in (0.25, 0.5):
         if target <= alloc.max_sparsity:
