@@ -14,6 +14,9 @@ def add_arguments(p) -> None:
                    help="documents per task: the first N (N >= 1) or a fraction (< 1); default: the whole split")
     p.add_argument("--docs", default=None, metavar="START:STOP",
                    help="score documents START..STOP-1 of each task instead of --limit (to split a run)")
+    p.add_argument("--chunk", type=int, default=None, metavar="N",
+                   help="evaluate N documents of every task at a time and rewrite --out after each round, "
+                        "so an interrupted run keeps what it measured (0/1 metrics merge exactly)")
     p.add_argument("--sparsity", type=float, default=0.0, help="target model-wide sparsity; 0 = dense")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "greedy", "global"),
                    help="how the sparsity is spread over layers and sites")
@@ -92,12 +95,33 @@ def run(args) -> int:
                                 "mean_target_sparsity_per_site": dict(zip(
                                     ("q", "k", "v", "o", "gate", "up", "down"),
                                     [round(float(v), 4) for v in table.sparsity.mean(0)]))}
-    res = evaluate_tasks(model, tok, tasks, table=table, prefill=args.prefill, limit=_limit(args.limit),
-                         num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                         max_gen_toks=args.max_gen_toks, seed=args.seed, verbose=args.verbose,
-                         docs=tuple(int(x) for x in args.docs.split(":")) if args.docs else None)
+    docs = tuple(int(x) for x in args.docs.split(":")) if args.docs else None
+    common = dict(table=table, prefill=args.prefill, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                  max_gen_toks=args.max_gen_toks, seed=args.seed, verbose=args.verbose)
+    if not args.chunk:
+        res = evaluate_tasks(model, tok, tasks, limit=_limit(args.limit), docs=docs, **common)
+    else:
+        if not args.out:
+            raise ValueError("--chunk needs --out (the file it rewrites after every round)")
+        start, stop = docs or (0, int(args.limit or 0))
+        if stop <= start:
+            raise ValueError("--chunk needs --docs START:STOP or an integer --limit")
+        parts = {t: [] for t in tasks}
+        for a in range(start, stop, args.chunk):
+            b = min(a + args.chunk, stop)
+            for t in tasks:
+                res = evaluate_tasks(model, tok, [t], docs=(a, b), **common)
+                parts[t].extend(res["tasks"].values())
+            res["tasks"] = {t: _merge(entries) for t, entries in parts.items()}
+            res["docs"] = [start, b]
+            record.update({k: res[k] for k in ("batch_size", "num_fewshot", "seed", "docs", "data", "tasks")})
+            record.update(chunk=args.chunk, complete=b >= stop, total_cpu_s=round(time.process_time() - cpu0, 2),
+                          total_wall_s=round(time.perf_counter() - wall0, 2), versions=_versions(),
+                          provenance=prov)
+            write_json(args.out, record)
+        res["warnings"] = sorted({f"{t}: {e['warning']}" for t, es in parts.items() for e in es if "warning" in e})
     record.update({k: res[k] for k in ("batch_size", "num_fewshot", "seed", "docs", "data", "tasks", "groups",
-                                       "warnings")})
+                                       "warnings") if k in res})
     if "note" in res:
         record["note"] = res["note"]
     if args.ppl_samples:
@@ -128,6 +152,39 @@ def run(args) -> int:
     else:
         _print_table(record)
     return 0
+
+
+BINARY = ("acc", "acc_norm", "exact_match")  # per-document 0/1 scores: their means merge exactly
+
+
+def _merge(entries: list[dict]) -> dict:
+    """One task's result from results on disjoint document ranges (0/1 metrics; others dropped)."""
+    import math
+
+    n = sum(e["samples"] for e in entries)
+    metrics = {}
+    for key in entries[0]["metrics"]:
+        base, _, filt = key.partition("[")
+        if base not in BINARY:
+            continue
+        v = sum(e["metrics"][key] * e["samples"] for e in entries) / n
+        metrics[key] = v
+        # the harness's standard error of a mean: sample std (ddof 1) / sqrt(n)
+        metrics[base + "_stderr" + (f"[{filt}" if filt else "")] = math.sqrt(v * (1 - v) / (n - 1)) if n > 1 else float("nan")
+    out = {k: entries[0][k] for k in ("split_size", "output_type", "num_fewshot", "source", "sparse")}
+    seen = sum((e["realized_sparsity"] or {}).get("entries_seen", 0) for e in entries)
+    realized = {}
+    if seen:
+        for site in ("q", "k", "v", "o", "gate", "up", "down", "all"):
+            realized[site] = round(sum((e["realized_sparsity"][site] or 0) * e["realized_sparsity"]["entries_seen"]
+                                       for e in entries) / seen, 4)
+        realized["entries_seen"] = seen
+    out.update(metrics=metrics, samples=n, cpu_s=round(sum(e["cpu_s"] for e in entries), 2),
+               wall_s=round(sum(e["wall_s"] for e in entries), 2), realized_sparsity=realized,
+               chunks=len(entries))
+    if any("warning" in e for e in entries):
+        out["warning"] = entries[0].get("warning")
+    return out
 
 
 def _preset_names():
