@@ -17,7 +17,7 @@ ifeq ($(TEAL_DATA_DIR),)
   endif
 endif
 
-.PHONY: setup book test clean
+.PHONY: setup book test colab clean
 
 setup: $(STAMP)
 
@@ -34,11 +34,15 @@ $(STAMP): requirements.txt pyproject.toml
 
 book: $(STAMP)
 	rm -rf _build/html _build/.doctrees _build/jupyter_execute
-	time $(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going
+	time $(VENV)/bin/jupyter-book build . --builder html --keep-going
 	@echo "book: $(abspath _build/html/index.html)"
 
 test: $(STAMP)
 	time $(PY) -m pytest -q
+
+# The chapters as Colab notebooks (generated; a test fails when they drift from book/).
+colab: $(STAMP)
+	$(PY) tools/colab.py
 
 clean:
 	rm -rf _build .pytest_cache
