@@ -66,18 +66,19 @@ class Histograms:
         if nan.any():  # NaNs are counted, never binned: a calibration with NaNs is reported, not hidden
             self.moments[layer, state, MOMENTS.index("nan")] += nan.sum().item()
             x = x[~nan]
+        # Bin and reduce where x lives (GPU or CPU); only the counts and five scalars come back.
         self.counts[layer, state].view(-1).add_(
-            torch.bincount(bin_index(x), minlength=2 * (NB + 2)).to(torch.float64))
+            torch.bincount(bin_index(x), minlength=2 * (NB + 2)).to("cpu", torch.float64))
+        if not x.numel():
+            return
         x64 = x.double()
+        sums = torch.stack([x64.sum(), (x64 * x64).sum(), x64.abs().sum(), (x64 * x64).square().sum(),
+                            x64.min(), x64.max()]).cpu()
         m = self.moments[layer, state]
         m[0] += x64.numel()
-        m[1] += x64.sum()
-        m[2] += (x64 * x64).sum()
-        m[3] += x64.abs().sum()
-        m[4] += (x64 * x64).square().sum()
-        if x64.numel():
-            m[5] = torch.minimum(m[5], x64.min())
-            m[6] = torch.maximum(m[6], x64.max())
+        m[1:5] += sums[:4]
+        m[5] = torch.minimum(m[5], sums[4])
+        m[6] = torch.maximum(m[6], sums[5])
 
     def abs_counts(self) -> torch.Tensor:
         """Histogram of |x| over `abs_edges()`: [L, 4, NB + 2]."""
