@@ -26,24 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import SITES, get_preset
-
-
-def copy_rate_gbps(device, nbytes: int = 2 << 30, iters: int = 20) -> float:
-    """Device-to-device copy, bytes read + written per second (GB/s), median of `iters`."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times) / 1e9
+from .kernels.bench import copy_rate_gbps
 
 
 def _timed_runs(dec, prompt, new_tokens, runs, warmup, forced=None):
@@ -139,7 +122,7 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
             write_json(out, result)
 
     cuda = device.startswith("cuda")
-    copy_gbps = copy_rate_gbps(device) if cuda else float("nan")
+    copy_gbps = copy_rate_gbps() if cuda else float("nan")  # the kernels lab's timer, same protocol
     result["copy_GBps"] = copy_gbps
     log(f"copy rate {copy_gbps:.0f} GB/s (read + write)")
     for dtype in dtypes:
