@@ -18,11 +18,17 @@ KERNEL = HAVE_TRITON and (DEV == "cuda" or INTERPRET)
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="no GPU and TRITON_INTERPRET is not set")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE): small blocks so that odd shapes need
-# several output blocks, K slices and tiles per slice.
-# SLICE (last) > 0: the compacting kernel.
-# SLICE (6th) > 0: the compacting kernel; NUM_STAGES (7th) > 0: its loop pipelined by Triton.
-CFGS = [(32, 16, 4, 2, 0, 0), (16, 8, 4, 3, 1, 0), (32, 8, 4, 0, 0, 32), (16, 16, 4, 0, 1, 64, 3)]
+# Configs (teal_nb.kernels.gemv.Config: BLOCK_N, BLOCK_K, warps, PROGS_PER_SM, REDUCE, SLICE,
+# DEPTH, PDL, SCAN, PRODUCER), blocks small so that odd shapes need several output blocks, K
+# slices and tiles per slice. SLICE = 0: the masked kernel; SLICE > 0: the compacting one.
+CFGS = [
+    (32, 16, 4, 2, 0, 0),                      # masked, atomic split-K
+    (16, 8, 4, 3, 1, 0),                       # masked, deterministic split-K
+    (32, 8, 4, 0, 0, 32),                      # compacting, atomic split-K, 1 tile in flight
+    (16, 16, 4, 0, 1, 64, 2, 0, 16),           # deterministic, 2 in flight, prefix sum in 16s
+    (16, 8, 1, 0, 0, 1 << 30, 2, 0, 32),       # one slice = all of K: no split-K; sum in 32s
+    (32, 16, 2, 0, 0, 48, 2, 0, 0, 1),         # kept list from the producer kernel
+]
 # Tolerance: fp32 accumulation of products of dtype inputs; the output is rounded to the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -84,16 +90,17 @@ def test_keep_all_keep_none(dtype):
     x = torch.where(x == 0, torch.ones_like(x), x)
     wt = prepare_weight(w)
     dense = (x.float() @ w.float().t())
-    for t in (-1.0, 0.0):  # keeps everything
-        y = _launch(x, wt, torch.tensor([t], device=DEV), (N,), None, CFGS[0])
+    for t, cfg in ((-1.0, CFGS[0]), (0.0, CFGS[4])):  # keeps everything
+        y = _launch(x, wt, torch.tensor([t], device=DEV), (N,), None, cfg)
         assert rel_err(y, dense) < TOL[dtype]
-    y = _launch(x, wt, torch.tensor([math.inf], device=DEV), (N,), None, CFGS[1])  # keeps nothing
-    assert torch.equal(y.float(), torch.zeros(N, device=DEV))
+    for cfg in (CFGS[1], CFGS[5]):  # keeps nothing
+        y = _launch(x, wt, torch.tensor([math.inf], device=DEV), (N,), None, cfg)
+        assert torch.equal(y.float(), torch.zeros(N, device=DEV))
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cfg", CFGS[1:3])
+@pytest.mark.parametrize("cfg", CFGS[1:3] + CFGS[4:])
 def test_nan_inf_like_reference(dtype, cfg):
     """Rule: keep |x| > t. NaN compares false -> dropped; +-inf kept unless t = inf."""
     N, K = 40, 48
@@ -215,7 +222,7 @@ def test_cuda_graph_capture_and_determinism():
             g.replay()
             torch.cuda.synchronize()
             assert rel_err(yg, ref) < TOL[dtype]
-        for red, slice_, st in ((0, 0, 0), (1, 0, 0), (0, 512, 0), (1, 256, 0), (0, 1024, 3), (1, 512, 4)):
+        for red, slice_, st in ((0, 0, 1), (1, 0, 1), (0, 512, 1), (1, 256, 2), (0, 4096, 2), (1, 512, 2)):
             outs = [_launch(x, wt, thr, (N,), None, (128, 32, 4, 4, red, slice_, st)) for _ in range(20)]
             for o in outs:
                 assert rel_err(o, ref) < TOL[dtype]

@@ -43,7 +43,7 @@ multiplies it by 0 and gets NaN); weights are assumed finite.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -100,27 +100,108 @@ def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None):
 
 # ----------------------------------------------------------------------------- kernel
 
+class Config(NamedTuple):
+    """A launch configuration (`tuning.py` holds one per shape; tuples of 6-8 ints also work).
+
+    slice = 0 selects the masked kernel, with about `progs_per_sm` programs per SM; slice > 0 the
+    compacting kernel, each program owning `slice` input channels (slice >= K: one program per
+    output block owns all of K, so no split-K reduction at all); `depth` (1 or 2) W tiles are in
+    flight ahead of the multiply-add in its loop. `pdl` = 1 launches with Hopper's programmatic
+    dependent launch (the next launch's programs are scheduled while this one finishes).
+    """
+    block_n: int
+    block_k: int
+    warps: int = 4
+    progs_per_sm: int = 0
+    reduce: int = 0  # split-K reduction: 0 fp32 atomics, 1 one row per slice (deterministic)
+    slice: int = 0
+    depth: int = 1
+    pdl: int = 0
+    scan: int = 0  # compacting: channels per prefix-sum step (0: 8 per thread)
+    producer: int = 0  # compacting: 1 = a small kernel builds the kept list once per launch
+
+
 if HAVE_TRITON:
+    try:  # griddepcontrol (programmatic dependent launch), Hopper and newer
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        HAVE_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except ImportError:  # pragma: no cover - older Triton
+        HAVE_PDL = False
+
+    @triton.jit
+    def _prologue(thr_ptr, N, B1, B2, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """This program's output columns and its segment's threshold (fused QKV: 3 segments)."""
+        if PDL:
+            # Launched early, while the previous kernel on the stream finishes: wait for it (its
+            # output may be our x; the scratch is shared) before touching memory, then let the
+            # next launch be scheduled in turn.
+            gdc_wait()
+            gdc_launch_dependents()
+        n0 = tl.program_id(0) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        seg = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
+        return offs_n, offs_n < N, seg, tl.load(thr_ptr + seg)
+
+    @triton.jit
+    def _load_rows(w_base, rows, rmask, nmask, stride_wk, EVEN_N: tl.constexpr):
+        """Rows `rows` of the W^T block (a masked-off row issues no memory transaction)."""
+        if EVEN_N:
+            return tl.load(w_base + rows[:, None] * stride_wk, mask=rmask[:, None], other=0.0)
+        return tl.load(w_base + rows[:, None] * stride_wk, mask=rmask[:, None] & nmask[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N,
+                  REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Write y = sum over K slices of `part` (+ bias) in y's dtype.
+
+        One slice: store. Several: REDUCE=0 adds the partials with fp32 atomics into a scratch
+        vector, REDUCE=1 stores them as one row per slice; then each program increments its
+        output block's arrival counter, and the last to arrive reads the total (REDUCE=0: and
+        zeroes the scratch again; REDUCE=1: sums the rows in a fixed order), adds the bias,
+        writes y and resets the counter. The scratch is left clean: no zero-fill launch.
+        """
+        pid_n = tl.program_id(0)
+        split_k = tl.num_programs(1)
+        if split_k == 1:
+            if HAS_BIAS:
+                part += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, part, mask=nmask)  # cast to y's dtype on store
+        else:
+            if REDUCE == 0:
+                tl.atomic_add(acc_ptr + offs_n, part, mask=nmask, sem="relaxed")
+            else:
+                tl.store(acc_ptr + tl.program_id(1) * N + offs_n, part, mask=nmask)
+            tl.debug_barrier()  # every thread's partials issued before the arrival is signalled
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == split_k - 1:  # the last program of this output block finishes it
+                if REDUCE == 0:
+                    # All slices have added (acquired through the counter): read the sum from L2.
+                    total = tl.load(acc_ptr + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+                    tl.store(acc_ptr + offs_n, tl.zeros([part.shape[0]], tl.float32), mask=nmask)
+                else:
+                    total = tl.zeros([part.shape[0]], tl.float32)
+                    for j in range(0, split_k):
+                        total += tl.load(acc_ptr + j * N + offs_n, mask=nmask, other=0.0,
+                                         cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + offs_n, total, mask=nmask)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
 
     @triton.jit
     def _sparse_gemv_kernel(
         x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr,
         N, K, stride_wk, B1, B2, ITERS,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+        REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        split_k = tl.num_programs(1)
-        n0 = pid_n * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        # This output block's segment (fused QKV: 0, 1, 2) picks its threshold.
-        seg = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
-        t = tl.load(thr_ptr + seg)
-
+        """Masked variant: walks its K slice tile by tile, loading only the kept rows of each."""
+        offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
         # This program's K slice: ITERS tiles of BLOCK_K input channels.
-        k0 = pid_k * ITERS * BLOCK_K
+        k0 = tl.program_id(1) * ITERS * BLOCK_K
         ar_k = tl.arange(0, BLOCK_K)
         w_base = wt_ptr + offs_n[None, :]
 
@@ -132,13 +213,7 @@ if HAVE_TRITON:
         # The fused threshold: keep channel k iff |x[k]| > t (NaN > t is False: dropped).
         keep = (tl.abs(x_cur) > t) & (offs_k < K)
         x_cur = tl.where(keep, x_cur, 0.0)
-        # Only kept rows of the W^T tile are loaded: a row of W^T is one input channel,
-        # contiguous in memory, so a dropped channel costs no memory traffic.
-        if EVEN_N:
-            w_cur = tl.load(w_base + offs_k[:, None] * stride_wk, mask=keep[:, None], other=0.0)
-        else:
-            w_cur = tl.load(w_base + offs_k[:, None] * stride_wk,
-                            mask=keep[:, None] & nmask[None, :], other=0.0)
+        w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
         offs_k = k0 + BLOCK_K + ar_k
         x_nxt = tl.load(x_ptr + offs_k, mask=(offs_k < K) & (ITERS > 1), other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -146,11 +221,7 @@ if HAVE_TRITON:
             offs_k = k0 + i * BLOCK_K + ar_k
             keep = (tl.abs(x_nxt) > t) & (offs_k < K)
             x_nxt = tl.where(keep, x_nxt, 0.0)
-            if EVEN_N:
-                w_nxt = tl.load(w_base + offs_k[:, None] * stride_wk, mask=keep[:, None], other=0.0)
-            else:
-                w_nxt = tl.load(w_base + offs_k[:, None] * stride_wk,
-                                mask=keep[:, None] & nmask[None, :], other=0.0)
+            w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
             offs_k2 = offs_k + BLOCK_K
             x_nn = tl.load(x_ptr + offs_k2, mask=(offs_k2 < K) & (i + 1 < ITERS),
                            other=0.0).to(tl.float32)
@@ -160,159 +231,120 @@ if HAVE_TRITON:
             x_nxt = x_nn
         acc += w_cur.to(tl.float32) * x_cur[:, None]
         part = tl.sum(acc, axis=0)  # [BLOCK_N] fp32 partial sums of this K slice
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS)
 
-        if split_k == 1:
-            if HAS_BIAS:
-                part += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs_n, part, mask=nmask)  # cast to y's dtype on store
-        else:
-            if REDUCE == 0:
-                # fp32 atomics into a scratch vector that the last program zeroes again.
-                tl.atomic_add(acc_ptr + offs_n, part, mask=nmask, sem="relaxed")
-            else:
-                # Deterministic: one row of partial sums per K slice.
-                tl.store(acc_ptr + pid_k * N + offs_n, part, mask=nmask)
-            tl.debug_barrier()  # every thread's partials issued before the arrival is signalled
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == split_k - 1:  # the last program of this output block finishes it
-                if REDUCE == 0:
-                    # All K slices have added (acquired through the counter): read the sum
-                    # from L2 and leave the scratch zeroed for the next call.
-                    total = tl.load(acc_ptr + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-                    tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=nmask)
-                else:
-                    total = tl.zeros([BLOCK_N], tl.float32)
-                    for j in range(0, split_k):
-                        total += tl.load(acc_ptr + j * N + offs_n, mask=nmask, other=0.0,
-                                         cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                tl.store(y_ptr + offs_n, total, mask=nmask)  # cast to y's dtype on store
-                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+    @triton.jit
+    def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, SCAN: tl.constexpr):
+        """Write the kept channels of x[k_lo:k_hi] (|x| > t) and their values to idx_ptr / xv_ptr
+        in order; return how many. A kept channel's position is the number of kept channels
+        before it: a prefix sum, SCAN channels at a time (8 per thread keeps the registers low),
+        the next SCAN channels of x loaded before the current ones are summed."""
+        count = k_lo * 0
+        offs = k_lo + tl.arange(0, SCAN)
+        xs_next = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0)
+        for c in range(k_lo, k_hi, SCAN):
+            inb = offs < k_hi
+            xs = xs_next.to(tl.float32)
+            xs_next = tl.load(x_ptr + offs + SCAN, mask=offs + SCAN < k_hi, other=0.0)
+            keep = (tl.abs(xs) > t) & inb  # NaN > t is False: dropped
+            ki = keep.to(tl.int32)
+            pos = count + tl.cumsum(ki, axis=0) - 1
+            tl.store(idx_ptr + pos, offs, mask=keep)
+            tl.store(xv_ptr + pos, xs, mask=keep)
+            count += tl.sum(ki, axis=0)
+            offs += SCAN
+        return count
 
+    @triton.jit
+    def _kept(idx_ptr, xv_ptr, j, count):
+        """Entries j of the kept-channel list: (channel, value, valid); past the end: (0, 0, False)."""
+        v = j < count
+        return tl.load(idx_ptr + j, mask=v, other=0), tl.load(xv_ptr + j, mask=v, other=0.0), v
+
+    @triton.jit
+    def _kept_list_kernel(x_ptr, thr_ptr, idx_ptr, xv_ptr, cnt_ptr, K, SLICE,
+                          SCAN: tl.constexpr, PDL: tl.constexpr):
+        """Producer (PRODUCED=1 below): the kept-channel list of (segment, K slice) built once per
+        launch instead of once per program; its count goes to cnt_ptr[seg * split_k + slice]."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        seg = tl.program_id(0)
+        k_lo = tl.program_id(1) * SLICE
+        base = seg * K + k_lo
+        count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, tl.load(thr_ptr + seg), k_lo,
+                         tl.minimum(k_lo + SLICE, K), SCAN)
+        tl.store(cnt_ptr + seg * tl.num_programs(1) + tl.program_id(1), count)
 
     @triton.jit
     def _sparse_gemv_compact_kernel(
-        x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr, idx_ptr, xv_ptr,
-        N, K, stride_wk, B1, B2,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLICE: tl.constexpr,
+        x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr, idx_ptr, xv_ptr, lcnt_ptr,
+        N, K, stride_wk, B1, B2, SLICE,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, PRODUCED: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
+        DEPTH: tl.constexpr, PDL: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
-        instruction count) falls with sparsity, where the masked loop above only saves bytes."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        split_k = tl.num_programs(1)
-        n0 = pid_n * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        seg = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
-        t = tl.load(thr_ptr + seg)
-
-        # 1. Threshold this program's slice of x and compact the kept channels: position of a
-        #    kept channel = number of kept channels before it (a prefix sum). Indices and values
-        #    go to a small scratch list, one per (segment, K slice). Programs of other output
-        #    blocks with the same (segment, slice) write identical lists to the same place, so
-        #    their overlapping writes are harmless, and each program reads only what it wrote.
-        offs_s = pid_k * SLICE + tl.arange(0, SLICE)
-        xs = tl.load(x_ptr + offs_s, mask=offs_s < K, other=0.0).to(tl.float32)
-        keep = (tl.abs(xs) > t) & (offs_s < K)  # NaN > t is False: dropped
-        ki = keep.to(tl.int32)
-        pos = tl.cumsum(ki, axis=0) - 1
-        count = tl.sum(ki, axis=0)
-        base = (seg * split_k + pid_k) * SLICE
-        tl.store(idx_ptr + base + pos, offs_s, mask=keep)
-        tl.store(xv_ptr + base + pos, xs, mask=keep)
+        instruction count) falls with sparsity, where the masked loop only saves bytes."""
+        offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
+        # 1. Threshold this program's slice of x and compact its kept channels into a list, at
+        #    a place fixed by (segment, slice). The other programs of the same (segment, slice)
+        #    write identical lists to the same place, so the overlapping writes are harmless and
+        #    no program needs another's: there is no dependency between programs.
+        #    PRODUCED: _kept_list_kernel, launched just before, has written the list already.
+        k_lo = tl.program_id(1) * SLICE
+        base = seg * K + k_lo
+        if PRODUCED:
+            count = tl.load(lcnt_ptr + seg * tl.num_programs(1) + tl.program_id(1))
+        else:
+            count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
+                             tl.minimum(k_lo + SLICE, K), SCAN)
         tl.debug_barrier()  # the list is complete before any thread reads it
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
-        #    row a contiguous BLOCK_N-wide segment). NUM_STAGES > 0: Triton's software pipeliner
-        #    keeps NUM_STAGES - 1 tiles in flight through shared memory; NUM_STAGES = 0: the
-        #    register pipeline by hand (one tile ahead), as in the masked kernel.
+        #    row a contiguous BLOCK_N-wide segment), software-pipelined by hand in registers:
+        #    DEPTH tiles' W loads are in flight while the oldest tile is multiplied, and the
+        #    indices of the next tile to load are fetched one step ahead of its W load. (Triton's
+        #    own pipeliner, `tl.range(num_stages=)`, moved only the index loads ahead: a load that
+        #    feeds no dot stays in its iteration, so each tile's W latency was exposed.) Loads of
+        #    tiles past the list are fully masked and move no bytes.
         ar = tl.arange(0, BLOCK_K)
         w_base = wt_ptr + offs_n[None, :]
-        n_tiles = tl.cdiv(count, BLOCK_K)
-        if NUM_STAGES > 0:
-            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-            for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
-                j = i * BLOCK_K + ar
-                v = j < count
-                ii = tl.load(idx_ptr + base + j, mask=v, other=0)
-                xv = tl.load(xv_ptr + base + j, mask=v, other=0.0)
-                if EVEN_N:
-                    w = tl.load(w_base + ii[:, None] * stride_wk, mask=v[:, None], other=0.0)
-                else:
-                    w = tl.load(w_base + ii[:, None] * stride_wk, mask=v[:, None] & nmask[None, :],
-                                other=0.0)
-                acc += w.to(tl.float32) * xv[:, None]
+        i0, x0, v0 = _kept(idx_ptr + base, xv_ptr + base, ar, count)
+        w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
+        i1, x1, v1 = _kept(idx_ptr + base, xv_ptr + base, BLOCK_K + ar, count)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        if DEPTH == 1:
+            for i in range(0, tl.cdiv(count, BLOCK_K)):
+                w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
+                i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, (i + 2) * BLOCK_K + ar, count)
+                acc += w0.to(tl.float32) * x0[:, None]
+                w0, x0 = w1, x1
+                i1, x1, v1 = i2, x2, v2
         else:
-            v = ar < count
-            i_cur = tl.load(idx_ptr + base + ar, mask=v, other=0)
-            x_cur = tl.load(xv_ptr + base + ar, mask=v, other=0.0)
-            if EVEN_N:
-                w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None], other=0.0)
-            else:
-                w_cur = tl.load(w_base + i_cur[:, None] * stride_wk, mask=v[:, None] & nmask[None, :],
-                                other=0.0)
-            v_nxt = (BLOCK_K + ar) < count
-            i_nxt = tl.load(idx_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0)
-            x_nxt = tl.load(xv_ptr + base + BLOCK_K + ar, mask=v_nxt, other=0.0)
-            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-            for i in range(1, n_tiles):
-                if EVEN_N:
-                    w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk, mask=v_nxt[:, None], other=0.0)
-                else:
-                    w_nxt = tl.load(w_base + i_nxt[:, None] * stride_wk,
-                                    mask=v_nxt[:, None] & nmask[None, :], other=0.0)
-                j2 = (i + 1) * BLOCK_K + ar
-                v_nn = j2 < count
-                i_nn = tl.load(idx_ptr + base + j2, mask=v_nn, other=0)
-                x_nn = tl.load(xv_ptr + base + j2, mask=v_nn, other=0.0)
-                acc += w_cur.to(tl.float32) * x_cur[:, None]
-                x_cur = x_nxt
-                w_cur = w_nxt
-                x_nxt = x_nn
-                i_nxt = i_nn
-                v_nxt = v_nn
-            acc += w_cur.to(tl.float32) * x_cur[:, None]
+            w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
+            i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, 2 * BLOCK_K + ar, count)
+            for i in range(0, tl.cdiv(count, BLOCK_K)):
+                w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N)
+                i3, x3, v3 = _kept(idx_ptr + base, xv_ptr + base, (i + 3) * BLOCK_K + ar, count)
+                acc += w0.to(tl.float32) * x0[:, None]
+                w0, x0 = w1, x1
+                w1, x1 = w2, x2
+                i2, x2, v2 = i3, x3, v3
         part = tl.sum(acc, axis=0)
-
-        if split_k == 1:
-            if HAS_BIAS:
-                part += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + offs_n, part, mask=nmask)
-        else:
-            if REDUCE == 0:
-                tl.atomic_add(acc_ptr + offs_n, part, mask=nmask, sem="relaxed")
-            else:
-                tl.store(acc_ptr + pid_k * N + offs_n, part, mask=nmask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == split_k - 1:
-                if REDUCE == 0:
-                    total = tl.load(acc_ptr + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-                    tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=nmask)
-                else:
-                    total = tl.zeros([BLOCK_N], tl.float32)
-                    for j in range(0, split_k):
-                        total += tl.load(acc_ptr + j * N + offs_n, mask=nmask, other=0.0,
-                                         cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                tl.store(y_ptr + offs_n, total, mask=nmask)
-                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS)
 
 
-# Scratch (fp32 accumulator / partials and int32 arrival counters), one set per device, always
-# left zeroed by the kernel itself. Grown (never shrunk) on demand; prepare_weight pre-grows it
-# so that nothing is allocated inside a captured CUDA graph.
+# Scratch (fp32 accumulator / partials, int32 arrival counters, the kept-channel lists), one
+# set per device; the accumulator and the counters are always left zeroed by the kernel itself.
+# Grown (never shrunk) on demand; prepare_weight pre-grows it so that nothing is allocated
+# inside a captured CUDA graph.
 _SCRATCH: dict = {}
 
 
 def _scratch(device: torch.device, n_acc: int, n_part: int, n_cnt: int, n_idx: int = 0):
     """(zeroed fp32 accumulator, fp32 partials, zeroed int32 counters, int32 index list,
-    fp32 value list); only the accumulator and the counters need to start (and stay) zeroed."""
+    fp32 value list)."""
     key = (device.type, device.index)
     acc, part, cnt, idx, xv = _SCRATCH.get(key, (None,) * 5)
     if acc is None or acc.numel() < n_acc:
@@ -358,49 +390,53 @@ def _grid(N, K, block_n, block_k, progs_per_sm, device):
 
 
 def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg) -> torch.Tensor:
-    """One token: x1 [K] contiguous -> y [N] in x1's dtype.
-
-    cfg = (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, NUM_STAGES]): tile shape, warps per
-    program, the split-K reduction (0 atomic, 1 deterministic), and the variant: SLICE = 0 is the
-    masked loop with about PROGS_PER_SM programs per SM; SLICE > 0 (a power of two) is the
-    compacting kernel, each program owning SLICE input channels (PROGS_PER_SM unused), its loop
-    pipelined by Triton with NUM_STAGES stages (0: by hand in registers).
-    """
+    """One token: x1 [K] contiguous -> y [N] in x1's dtype, with launch config `cfg` (a Config)."""
     K, N = wt.shape
-    block_n, block_k, num_warps, pps, reduce, slice_, stages = (tuple(cfg) + (0, 0))[:7]
-    block_n, block_k = _fit_block_n(block_n, block_k, splits)
-    block_n = min(block_n, triton.next_power_of_2(N))
-    block_k = min(block_k, triton.next_power_of_2(K))
+    cfg = Config(*cfg)
+    block_n, block_k = _fit_block_n(cfg.block_n, cfg.block_k, splits)
+    cfg = cfg._replace(block_n=min(block_n, triton.next_power_of_2(N)),
+                       block_k=min(block_k, triton.next_power_of_2(K)))
     y = torch.empty(N, dtype=x1.dtype, device=x1.device)
     bounds = list(splits[:-1])
-    if any(b % block_n for b in bounds):  # segments not aligned to any usable block: one launch each
+    if any(b % cfg.block_n for b in bounds):  # segments not aligned to any usable block: one launch each
         start = 0
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
-            y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias,
-                                         (block_n, block_k, num_warps, pps, reduce, slice_, stages))
+            y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias, cfg)
             start += n
         return y
     if len(bounds) > 2:
         raise ValueError("at most 3 segments per fused launch")
     b1 = bounds[0] if len(bounds) >= 1 else N
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
-    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, REDUCE=reduce, HAS_BIAS=bias is not None,
-                  EVEN_N=N % block_n == 0, num_warps=num_warps)
+    pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda
+    common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
+                  HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl,
+                  num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     bias_arg = bias if bias is not None else y
-    if slice_:
-        slice_ = max(block_k, min(slice_, triton.next_power_of_2(K)))
-        grid_n, split_k = triton.cdiv(N, block_n), triton.cdiv(K, slice_)
-        acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n,
-                                           3 * split_k * slice_)
+    grid_n = triton.cdiv(N, cfg.block_n)
+    if cfg.slice:
+        slice_ = min(cfg.slice, K)
+        split_k = triton.cdiv(K, slice_)
+        # The prefix sum runs SCAN channels at a time, by default 8 per thread: 32 per thread
+        # took 250 registers (4 warps) and so cut the programs per SM.
+        scan = min(triton.next_power_of_2(slice_), cfg.scan or 256 * cfg.warps)
+        acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n,
+                                           3 * K + 3 * split_k)
+        lcnt = idx[3 * K:]  # the producer's counts, after the lists
+        if cfg.producer:
+            _kept_list_kernel[(len(splits), split_k)](
+                x1, thr, idx, xv, lcnt, K, slice_, SCAN=scan, PDL=pdl, num_warps=cfg.warps,
+                **({"launch_pdl": True} if pdl else {}))
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
-            x1, wt, thr, bias_arg, y, part if reduce else acc, cnt, idx, xv,
-            N, K, wt.stride(0), b1, b2, SLICE=slice_, NUM_STAGES=stages, **common)
+            x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt,
+            N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
+            DEPTH=min(2, max(1, cfg.depth)), **common)
         return y
-    grid_n, split_k, iters = _grid(N, K, block_n, block_k, pps, x1.device)
-    acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if reduce else 0, grid_n)
+    grid_n, split_k, iters = _grid(N, K, cfg.block_n, cfg.block_k, cfg.progs_per_sm, x1.device)
+    acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
-        x1, wt, thr, bias_arg, y, part if reduce else acc, cnt,
+        x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt,
         N, K, wt.stride(0), b1, b2, iters, **common)
     return y
 
@@ -474,7 +510,8 @@ def prepare_weight(w) -> torch.Tensor:
         from .tuning import config_for
 
         K, N = wt.shape
-        bn, bk, _, _, reduce, slice_ = config_for(N, K)[:6]
-        _scratch(wt.device, N, N * triton.cdiv(K, max(1, min(bk, K))) if reduce else 0,
-                 triton.cdiv(N, 16), 3 * (K + max(slice_, bk)))
+        cfg = Config(*config_for(N, K))
+        split_k = triton.cdiv(K, min(cfg.slice, K)) if cfg.slice else triton.cdiv(K, min(cfg.block_k, K))
+        _scratch(wt.device, N, N * split_k if cfg.reduce else 0, triton.cdiv(N, 16),
+                 3 * K + 3 * split_k)
     return wt
