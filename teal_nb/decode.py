@@ -94,6 +94,15 @@ class DecoderConfig:
                    bool(getattr(c, "tie_word_embeddings", False)))
 
 
+def _argmax_chunk(vocab: int) -> int:
+    """A divisor of the vocabulary size between 256 and 2048, near 4 sqrt(V) (0: none)."""
+    best = 0
+    for c in range(256, 2049):
+        if vocab % c == 0 and (not best or abs(c - 4 * vocab ** 0.5) < abs(best - 4 * vocab ** 0.5)):
+            best = c
+    return best
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """As in HF Llama: normalize in fp32, cast back, then scale."""
     xf = x.float()
@@ -162,6 +171,17 @@ class Decoder(nn.Module):
         self.prefill = "none"
         self.count = False          # count zeroed entries (eager runs only: it costs kernels)
         self.record = None          # dict (layer, state) -> list of inputs, for calibration
+        # One-token attention: "fused" (teal_nb.decode_attention: RoPE, cache write and attention
+        # in one Triton launch), "torch" (matmuls + softmax, any shape), "auto" (fused on a GPU;
+        # "fused" on a CPU needs TRITON_INTERPRET=1, as the tests do).
+        self.attention = "auto"
+        # Dense projections read through W^T [K, N] (the Triton layout, x @ W^T) instead of
+        # F.linear's W [N, K], per projection: cuBLAS picks other kernels for the other layout
+        # (chosen by measurement in decode_bench.choose_dense_layout; needs prepare_triton()).
+        self.dense_wt: set[str] = set()
+        # Greedy argmax over the vocabulary in two reductions (chunks of this size, then the
+        # chunks' maxima): one reduction over Llama-3's 128K logits ran as a single program.
+        self.argmax_chunk = _argmax_chunk(cfg.vocab)
         self._compiled = None
         self.setup_cache(max_seq_len, batch)
         self.set_rope()
@@ -305,6 +325,10 @@ class Decoder(nn.Module):
         if self.record is not None and sparse_rows is not None:
             self.record.setdefault((li, PROJ_STATE[proj]), []).append(x[:, sparse_rows].detach().float().flatten(0, -2))
         if sparse_rows is None or self.backend == "dense":
+            wt = getattr(blk, f"{proj}_t") if proj in self.dense_wt else None
+            if wt is not None:
+                y = torch.matmul(x, wt)
+                return y if bias is None else y + bias
             return F.linear(x, w, bias)
         t = self.thresholds[li, cols[0]:cols[-1] + 1]
         if self.count and not torch.compiler.is_compiling():
@@ -339,6 +363,13 @@ class Decoder(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self._linear(x, li, "qkv", sparse_rows)
+        if t == 1 and b == 1 and self._fused_attention():
+            from .decode_attention import decode_attention
+
+            blk = self.layers[li]
+            y = decode_attention(qkv, self.cos, self.sin, input_pos, blk.k_cache, blk.v_cache, cfg.n_heads,
+                                 1.0 / math.sqrt(cfg.head_dim))
+            return self._linear(y, li, "o", sparse_rows)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -359,6 +390,17 @@ class Decoder(nn.Module):
         p = torch.softmax(scores, dim=-1).to(x.dtype)
         y = torch.matmul(p, vc).view(b, cfg.n_heads, t, cfg.head_dim).transpose(1, 2).reshape(b, t, cfg.q_size)
         return self._linear(y, li, "o", sparse_rows)
+
+    def _fused_attention(self) -> bool:
+        if self.attention == "torch" or (self.attention == "auto" and self.device.type != "cuda"):
+            return False
+        from .decode_attention import usable
+
+        ok = usable(self.device) and self.cfg.head_dim & (self.cfg.head_dim - 1) == 0
+        if self.attention == "fused" and not ok:
+            raise RuntimeError("fused attention needs Triton on a GPU (or TRITON_INTERPRET=1) and a "
+                               "power-of-two head_dim")
+        return ok
 
     def _sparse_rows(self, t: int) -> slice | None:
         if t == 1 or self.prefill == "all":
@@ -386,8 +428,19 @@ class Decoder(nn.Module):
 
     def _step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """One decode step: next greedy token [B, 1] for token [B, 1] at input_pos [1]."""
-        logits = self.forward(token, input_pos)
-        return torch.argmax(logits, dim=-1, keepdim=True)
+        return self.greedy(self.forward(token, input_pos))
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """argmax [..., 1] of logits [..., V] (the first maximum, as torch.argmax), in two steps:
+        the maximum of each chunk of `argmax_chunk` logits, then the first chunk holding the
+        largest (ties go to the lower chunk, and within it to the lower index)."""
+        c = self.argmax_chunk
+        v = logits.shape[-1]
+        if not c or v % c:
+            return torch.argmax(logits, dim=-1, keepdim=True)
+        vals, idx = logits.view(*logits.shape[:-1], v // c, c).max(dim=-1)
+        j = vals.argmax(dim=-1, keepdim=True)
+        return j * c + idx.gather(-1, j)
 
     def compile(self, mode: str | None = "reduce-overhead") -> None:
         """Compile the decode step (on a GPU: one CUDA graph per step). mode=None: eager."""

@@ -75,11 +75,75 @@ def _record(dec, cfg_name, dtype, backend, allocation, target, timings, realized
     return rec
 
 
+def check_fused_attention(dec, log=print) -> bool:
+    """One call of the fused attention kernel against its torch reference on the decoder's device
+    and shapes; on a mismatch or an error the decoder falls back to torch attention."""
+    import math as _m
+
+    from .decode_attention import decode_attention, decode_attention_reference, usable
+
+    if dec.attention == "torch" or not usable(dec.device) or dec.device.type != "cuda":
+        return False
+    cfg = dec.cfg
+    g = torch.Generator(device=dec.device).manual_seed(0)
+    try:
+        qkv = torch.randn(1, 1, cfg.proj_shape("qkv")[0], device=dec.device, generator=g).to(dec.dtype)
+        kc = torch.randn_like(dec.layers[0].k_cache.float(), generator=g).to(dec.dtype)
+        vc = torch.randn_like(kc.float(), generator=g).to(dec.dtype)
+        kr, vr = kc.clone(), vc.clone()
+        errs = []
+        for p in (0, 100, dec.max_seq_len - 1):
+            pos = torch.tensor([p], device=dec.device)
+            y = decode_attention(qkv, dec.cos, dec.sin, pos, kc, vc, cfg.n_heads, 1 / _m.sqrt(cfg.head_dim))
+            ref = decode_attention_reference(qkv, dec.cos, dec.sin, pos, kr, vr, cfg.n_heads,
+                                             1 / _m.sqrt(cfg.head_dim))
+            errs.append(float((y.float() - ref.float()).norm() / ref.float().norm()))
+        ok = max(errs) < 2e-2 and bool(torch.isfinite(y).all())
+    except Exception as e:  # noqa: BLE001 - a kernel that fails here must not sink the run
+        log(f"fused attention failed ({type(e).__name__}: {e}): torch attention")
+        ok = False
+        errs = []
+    if not ok:
+        dec.attention = "torch"
+    log(f"fused attention check: rel. errors {', '.join(f'{e:.1e}' for e in errs)} -> "
+        f"{'fused' if ok else 'torch'}")
+    return ok
+
+
+def choose_dense_layout(dec, log=print) -> dict:
+    """Per projection, time cuBLAS reading W [N, K] (F.linear) and W^T [K, N] (x @ W^T, the
+    Triton layout made by prepare_triton) over all layers' weights in a CUDA graph; keep the
+    faster. Returns {proj: {"w_us": .., "wt_us": .., "chosen": ..}}."""
+    import torch.nn.functional as F
+
+    from .decode import PROJ_SITES
+    from .kernels.bench import graph_us
+
+    dec.prepare_triton()
+    cfg = dec.cfg
+    out = {}
+    dec.dense_wt = set()
+    for proj in PROJ_SITES:
+        n, k = cfg.proj_shape(proj)
+        x = torch.randn(1, 1, k, device=dec.device, dtype=dec.dtype)
+        w_calls = [lambda b=b: F.linear(x, getattr(b, proj)) for b in dec.layers]
+        wt_calls = [lambda b=b: torch.matmul(x, getattr(b, f"{proj}_t")) for b in dec.layers]
+        n_calls = 2 * len(dec.layers)
+        w_us, wt_us = graph_us(w_calls, n_calls, 10), graph_us(wt_calls, n_calls, 10)
+        # W^T only where it wins by more than the timer's noise.
+        chosen = "wt" if wt_us < 0.97 * w_us else "w"
+        if chosen == "wt":
+            dec.dense_wt.add(proj)
+        out[proj] = {"N": n, "K": k, "w_us": w_us, "wt_us": wt_us, "chosen": chosen}
+        log(f"dense {proj} [{n}x{k}]: W {w_us:.1f} us, W^T {wt_us:.1f} us -> {chosen}")
+    return out
+
+
 def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsities=(0.5, 0.4, 0.25, 0.65),
               nonuniform_at=(0.5,), runs: int = 5, warmup: int = 2, new_tokens: int = 200, prompt_len: int = 5,
               backend: str = "triton", device: str = "cuda", compile_mode: str | None = "reduce-overhead",
               n_layers: int | None = None, calib_iters: int = 4, calib_tol: float = 0.01, calib_prompt: str = "same",
-              budget_s: float = 540.0, preset_overrides: dict | None = None,
+              budget_s: float = 540.0, preset_overrides: dict | None = None, dense_layout: bool = True,
               out: str | Path | None = None, command: str | None = None, log=print) -> dict:
     """Run the sweep; write `out` (JSON) after every record so a cut-short run keeps what it measured."""
     from .decode import Decoder
@@ -113,7 +177,13 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
                    "realized sparsity is counted on exactly the timed sequence"),
         "thresholds": (f"exact |x| quantiles per (layer, site) over the decode steps of "
                        f"{'the benchmark sequence itself (as the authors did)' if calib_prompt == 'same' else 'a separate random prompt'}"
-                       f", re-taken on the sparse run (up to {calib_iters} passes, best kept, stop within {calib_tol})"),
+                       f", re-taken on the sparse run (up to {calib_iters} eager passes of the benchmarked backend, "
+                       f"best kept, stop within {calib_tol})"),
+        "realized_sparsity": ("fraction of |x| <= t per (layer, site) over the decode steps of the eager pass of the "
+                              "benchmarked backend and thresholds on the timed (forced) sequence"
+                              + (" (the calibration pass that produced the thresholds)" if calib_prompt == "same"
+                                 else "")),
+        "argmax": "greedy token on device, two-stage (chunk maxima, then the first chunk holding the largest)",
         "tok_s": "median over runs of decode tokens/s (steps after the first new token)"},
         "records": [], "skipped": []}
 
@@ -142,6 +212,13 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
         if cuda:
             torch.cuda.synchronize()
         log(f"[{dtype}] model built in {time.perf_counter() - t0:.1f} s")
+        if cuda:
+            fused = check_fused_attention(dec, log)
+            result["protocol"].setdefault("attention", {})[dtype] = (
+                "fused Triton kernel (teal_nb.decode_attention: RoPE, cache write, attention)" if fused
+                else "torch (matmuls + softmax)")
+            if dense_layout:
+                result.setdefault("dense_layout", {})[dtype] = choose_dense_layout(dec, log)
 
         # Dense.
         dec.set_sparsity(None, backend="dense")
@@ -158,12 +235,18 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
             compile_mode = None
             dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, 1)
         forced = dense_ids
+        dec_c, dec._compiled = dec._compiled, None
         if calib_prompt == "same":
             cal_forced = forced
         else:
-            dec_c, dec._compiled = dec._compiled, None
             cal_forced, _ = dec.generate(cal_ids, new_tokens)
-            dec._compiled = dec_c
+        # The dense run's site inputs on the calibration sequence: every target starts from them.
+        t0 = time.perf_counter()
+        from .decode_calibrate import record_decode_inputs
+
+        dense_records = record_decode_inputs(dec, cal_ids, new_tokens, cal_forced)
+        dec._compiled = dec_c
+        log(f"[{dtype}] dense site inputs recorded in {time.perf_counter() - t0:.1f} s")
         rec = _record(dec, name, dec.dtype, "dense", "dense", 0.0, timings, None, copy_gbps, None)
         rec["compiled"] = dec._compiled is not None
         dense_tok_s = rec["tok_s"]
@@ -193,10 +276,16 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
                     th = torch.full((dec.cfg.n_layers, len(SITES)), -1.0)
                 else:
                     th = calibrate_decode(dec, cal_ids, new_tokens, alloc, iters=calib_iters, tol=calib_tol,
-                                          forced=cal_forced, info=cal_info)
+                                          forced=cal_forced, info=cal_info, backend=backend,
+                                          dense_records=dense_records)
                 t_cal = time.perf_counter() - t0
                 dec.set_sparsity(th, backend=backend)
-                realized, eager_ids = measure_realized(dec, prompt, new_tokens, forced=forced)
+                if calib_prompt == "same" and "realized" in cal_info:
+                    # The calibration pass that produced these thresholds ran this backend, eagerly,
+                    # on the benchmark's own forced sequence: its count is the realized sparsity.
+                    realized, eager_ids = cal_info["realized"], cal_info["ids"]
+                else:
+                    realized, eager_ids = measure_realized(dec, prompt, new_tokens, forced=forced)
                 if first_sparse:
                     dec.compile(compile_mode if cuda else None)
                     first_sparse = False

@@ -17,14 +17,17 @@ from .config import HIDDEN_STATES, SITE_STATE, SITES
 
 
 @torch.no_grad()
-def record_decode_inputs(dec, prompt: torch.Tensor, new_tokens: int, forced=None) -> dict:
-    """|x| of every site input on every decode step: {(layer, state): fp32 [steps * B, K]}."""
+def record_decode_inputs(dec, prompt: torch.Tensor, new_tokens: int, forced=None, out: dict | None = None) -> dict:
+    """|x| of every site input on every decode step: {(layer, state): fp32 [steps * B, K]}.
+    `out` (a dict) receives the generated ids under "ids"."""
     dec.record = {}
     try:
-        dec.generate(prompt, new_tokens, forced=forced)
+        ids, _ = dec.generate(prompt, new_tokens, forced=forced)
         rec = {k: torch.cat(v).abs() for k, v in dec.record.items()}
     finally:
         dec.record = None
+    if out is not None:
+        out["ids"] = ids
     return rec
 
 
@@ -65,7 +68,8 @@ def measure_realized(dec, prompt: torch.Tensor, new_tokens: int, forced=None) ->
 @torch.no_grad()
 def calibrate_decode(dec, prompt: torch.Tensor, new_tokens: int, sparsity, iters: int = 3,
                      backend: str = "torch", tol: float | None = None, pool: bool = False,
-                     info: dict | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
+                     info: dict | None = None, forced: torch.Tensor | None = None,
+                     dense_records: dict | None = None) -> torch.Tensor:
     """Thresholds [L, 7] for target sparsities (scalar or [L, 7]) on `prompt`'s decode steps.
 
     The dense run gives first thresholds; each of up to `iters` sparse passes runs with the
@@ -76,27 +80,36 @@ def calibrate_decode(dec, prompt: torch.Tensor, new_tokens: int, sparsity, iters
     closest to the target (max over (layer, site)) are returned; stop early once within `tol`.
     With `forced` tokens (teacher forcing, see Decoder.generate) every pass decodes the same
     sequence and the passes converge: thresholds of layer l only move the inputs of later layers.
-    `info` (a dict) receives the deviation of each pass.
+    `info` (a dict) receives the deviation of each pass ("max_dev_per_pass") and, for the
+    returned thresholds, the realized sparsity [L, 7] and the ids of the pass that measured them
+    ("realized", "ids"; the sparse passes run `backend`: with the benchmark's own backend and
+    forced tokens, that pass is the eager run of exactly the benchmarked setting).
+    `dense_records`: record_decode_inputs of the dense run on the same tokens, if already taken
+    (it does not depend on the target, so a sweep takes it once).
     """
     p = torch.as_tensor(sparsity, dtype=torch.float32).expand(dec.cfg.n_layers, len(SITES)).clone()
     saved = (dec.backend, dec.thresholds.clone(), dec._compiled)
     dec._compiled = None  # calibration runs eagerly: it records inputs on the host side
     devs, best, pooled = [], None, {}
     try:
-        dec.set_sparsity(None, backend="dense")
-        t = quantile_thresholds(record_decode_inputs(dec, prompt, new_tokens, forced), p)
+        if dense_records is None:
+            dec.set_sparsity(None, backend="dense")
+            dense_records = record_decode_inputs(dec, prompt, new_tokens, forced)
+        t = quantile_thresholds(dense_records, p)
         for _ in range(iters):
             dec.set_sparsity(t, backend=backend)
             dec.count = True
             dec.reset_stats()
+            got = {}
             try:
-                rec = record_decode_inputs(dec, prompt, new_tokens, forced)
+                rec = record_decode_inputs(dec, prompt, new_tokens, forced, out=got)
             finally:
                 dec.count = False
-            dev = float((dec.realized() - p).abs().nan_to_num(0.0).max())
+            realized = dec.realized()
+            dev = float((realized - p).abs().nan_to_num(0.0).max())
             devs.append(dev)
             if best is None or dev < best[0]:
-                best = (dev, t)
+                best = (dev, t, realized, got["ids"])
             if tol is not None and dev <= tol:
                 break
             if pool:
@@ -109,6 +122,8 @@ def calibrate_decode(dec, prompt: torch.Tensor, new_tokens: int, sparsity, iters
         dec.thresholds.copy_(saved[1])
     if info is not None:
         info["max_dev_per_pass"] = devs
+        if best is not None:
+            info["realized"], info["ids"], info["backend"] = best[2], best[3], backend
     return best[1] if best is not None else t
 
 

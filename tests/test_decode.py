@@ -214,3 +214,61 @@ def test_generate_cli(capsys):
                  PROMPT]) == 0
     out = capsys.readouterr().out
     assert out.startswith(PROMPT) and "tok/s" in out and "realized sparsity" in out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_attention_matches_torch(dtype):
+    """The one-launch attention step (RoPE, cache write, GQA attention; Triton, interpreted on CPU)
+    against the kernel's torch reference at several positions, and end to end against the
+    decoder's torch attention path (fp32: same logits, same greedy tokens)."""
+    import math
+
+    from teal_nb.decode_attention import decode_attention, decode_attention_reference, usable
+
+    if not usable(torch.device("cpu")):
+        pytest.skip("needs Triton's CPU interpreter")
+    dt = getattr(torch, dtype)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    # (query heads, kv heads, head dim, cache length, position): inside the first block of the
+    # cache, at its edge, and past it (the kernel's loop over further blocks).
+    for h, hkv, d, s, p in [(6, 2, 32, 40, 0), (6, 2, 32, 40, 1), (6, 2, 32, 40, 23), (6, 2, 32, 40, 39),
+                            (4, 1, 128, 300, 127), (4, 1, 128, 300, 128), (4, 1, 128, 300, 299)]:
+        qkv = torch.randn(1, 1, (h + 2 * hkv) * d).to(dt)
+        cos, sin = torch.randn(s, d).to(dt), torch.randn(s, d).to(dt)
+        kc, vc = torch.randn(1, hkv, s, d).to(dt), torch.randn(1, hkv, s, d).to(dt)
+        kr, vr = kc.clone(), vc.clone()
+        y = decode_attention(qkv, cos, sin, torch.tensor([p]), kc, vc, h, 1 / math.sqrt(d))
+        ref = decode_attention_reference(qkv, cos, sin, torch.tensor([p]), kr, vr, h, 1 / math.sqrt(d))
+        assert ((y.float() - ref.float()).norm() / ref.float().norm()) < tol, (dtype, p)
+        # The cache: only position p written, to within one rounding of the reference.
+        assert torch.equal(vc, vr)
+        assert torch.equal(kc[:, :, :p], kr[:, :, :p]) and torch.equal(kc[:, :, p + 1:], kr[:, :, p + 1:])
+        assert torch.allclose(kc[:, :, p].float(), kr[:, :, p].float(), rtol=1e-2, atol=1e-6)
+    if dtype != "float32":
+        return
+    dec = _tiny("float32")
+    ids = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(3))
+    dec.attention = "torch"
+    out, _ = dec.generate(ids, 8)
+    ref = _dec_steps(dec, ids, out[0, 4:])
+    dec.attention = "fused"
+    out2, _ = dec.generate(ids, 8)
+    got = _dec_steps(dec, ids, out[0, 4:])
+    dec.attention = "auto"
+    assert torch.equal(out, out2)
+    assert ((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_two_stage_greedy_is_argmax():
+    """The step's argmax in two reductions picks the first maximum, as torch.argmax does."""
+    p = get_preset("llama-3-8b").with_(n_layers=1, hidden=64, intermediate=128, n_heads=4, n_kv_heads=2,
+                                       vocab=128256)
+    d = Decoder.random(p, "float32", "cpu", max_seq_len=16)
+    assert d.argmax_chunk and 128256 % d.argmax_chunk == 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # many ties: small integers
+        logits = torch.randint(0, 4, (2, 128256), generator=g).float()
+        assert torch.equal(d.greedy(logits), torch.argmax(logits, dim=-1, keepdim=True))
+    logits = torch.randn(3, 128256, generator=g)
+    assert torch.equal(d.greedy(logits), torch.argmax(logits, dim=-1, keepdim=True))

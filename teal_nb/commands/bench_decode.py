@@ -27,6 +27,10 @@ def add_arguments(p) -> None:
     p.add_argument("--calib-prompt", default="same", choices=("same", "other"),
                    help="calibrate thresholds on the benchmark prompt's own decode steps (default, as the "
                         "authors did) or on another random prompt's")
+    p.add_argument("--no-dense-layout", action="store_true",
+                   help="dense projections always through F.linear (default: per projection, W or W^T, "
+                        "whichever cuBLAS reads faster in a timing at the start of the run)")
+    p.add_argument("--calib-iters", type=int, default=4, help="sparse calibration passes at most (default 4)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="skip what would not finish within this many seconds (default 540)")
     p.add_argument("--out", default="kernels/results/h200/decode.json", help="JSON output ('' for none)")
@@ -43,7 +47,8 @@ def run(args) -> int:
     res = run_bench(args.preset, tuple(d for d in args.dtypes.split(",") if d), args.sparsities,
                     args.nonuniform_at, args.runs, args.warmup, args.new_tokens, args.prompt_len,
                     args.backend, device, None if args.no_compile else "reduce-overhead", args.n_layers,
-                    calib_prompt=args.calib_prompt, budget_s=args.budget_s, out=args.out or None, command=" ".join(sys.argv))
+                    calib_iters=args.calib_iters, calib_prompt=args.calib_prompt, budget_s=args.budget_s,
+                    dense_layout=not args.no_dense_layout, out=args.out or None, command=" ".join(sys.argv))
     print(format_table(res["records"]))
     if args.out:
         print(f"wrote {args.out}")

@@ -1,0 +1,167 @@
+"""One-token attention step in one launch: RoPE of q and k, the KV-cache write, GQA attention.
+
+In the compiled decode step, attention over the static cache was five small kernels per layer
+(RoPE + cache write, Q K^T on cuBLAS, mask + softmax, P V on cuBLAS, and the scores' cast), each
+a few microseconds of mostly launch latency and tail: about a tenth of a Llama-3-8B token. This
+kernel does the whole step for one new token:
+
+    q, k = rope(q, pos), rope(k, pos)            (fp32, rounded to the model dtype as stored)
+    k_cache[:, h, pos], v_cache[:, h, pos] = k, v
+    y[j] = softmax(q_j . K_h[:pos+1] / sqrt(D)) V_h[:pos+1]      j a query head, h = j // G
+
+One program per query head (GQA: the G heads of a group read the same K/V rows, from L2 after
+the first). Only the filled prefix of the cache is read, BLOCK_S positions at a time with an
+online softmax in fp32; the new position's key and value come from registers, so no program
+reads what another one writes (the first head of each group writes the cache, nobody waits).
+Scores and probabilities stay fp32 (the torch path rounds them to the model dtype); the output
+is rounded once. A reference in plain torch (`decode_attention_reference`) computes the same
+function; `decode_attention` is a torch custom op that mutates the two caches in place, so that
+torch.compile keeps it in the step's CUDA graph without copying the cache.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    triton = tl = None
+    HAVE_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def usable(device: torch.device) -> bool:
+    """Whether the Triton kernel runs for tensors on `device` (a GPU, or the CPU interpreter)."""
+    return HAVE_TRITON and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float):
+    """Pure torch, the kernel's function (fp32 math, q/k rounded to the cache dtype): writes
+    k_cache/v_cache [B, Hkv, S, D] at `pos` and returns y [B, 1, n_heads * D] in qkv's dtype."""
+    b, hkv, _, d = k_cache.shape
+    q_size, kv_size = n_heads * d, hkv * d
+    p = int(pos.reshape(-1)[0])
+    x = qkv.reshape(b, -1).float()
+    c, s = cos[p].float(), sin[p].float()
+    q = _rope(x[:, :q_size].view(b, n_heads, d), c, s).to(qkv.dtype).float()
+    k = _rope(x[:, q_size:q_size + kv_size].view(b, hkv, d), c, s).to(k_cache.dtype)
+    v = x[:, q_size + kv_size:].view(b, hkv, d).to(v_cache.dtype)
+    k_cache[:, :, p] = k
+    v_cache[:, :, p] = v
+    g = n_heads // hkv
+    kk = k_cache[:, :, :p + 1].float().repeat_interleave(g, dim=1)  # [B, H, p+1, D]
+    vv = v_cache[:, :, :p + 1].float().repeat_interleave(g, dim=1)
+    att = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, kk) * scale, dim=-1)
+    y = torch.einsum("bhs,bhsd->bhd", att, vv)
+    return y.reshape(b, 1, q_size).to(qkv.dtype)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr,
+                                 stride_kh, stride_ks, stride_vh, stride_vs, scale,
+                                 Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
+                                 D: tl.constexpr, BLOCK_S: tl.constexpr):
+        j = tl.program_id(0)          # query head
+        h = j // G                    # its key/value head
+        d = tl.arange(0, D)
+        s = tl.arange(0, BLOCK_S)
+        k_base = kc_ptr + h * stride_kh + d[None, :]
+        v_base = vc_ptr + h * stride_vh + d[None, :]
+        # Latency, not bandwidth, is the cost here: issue the first BLOCK_S cached rows of K and V
+        # at once, before the position is even known (rows 0 .. BLOCK_S-1 exist in the cache,
+        # BLOCK_S <= its length; rows at or past pos are masked out below), together with the
+        # position and this head's q, k, v.
+        kt = tl.load(k_base + s[:, None] * stride_ks)
+        vt = tl.load(v_base + s[:, None] * stride_vs)
+        pos = tl.load(pos_ptr)
+        HALF: tl.constexpr = D // 2
+        lo = d < HALF
+        rd = tl.where(lo, d + HALF, d - HALF)       # rotate_half: [-x2, x1]
+        sgn = tl.where(lo, -1.0, 1.0)
+        dt = y_ptr.dtype.element_ty
+        qb = qkv_ptr + j * D
+        kb = qkv_ptr + Q_SIZE + h * D
+        q0, q1 = tl.load(qb + d).to(tl.float32), tl.load(qb + rd).to(tl.float32)
+        k0, k1 = tl.load(kb + d).to(tl.float32), tl.load(kb + rd).to(tl.float32)
+        v = tl.load(qkv_ptr + Q_SIZE + KV_SIZE + h * D + d).to(dt)
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        q = (q0 * cos + sgn * q1 * sin).to(dt).to(tl.float32)
+        k = (k0 * cos + sgn * k1 * sin).to(dt)
+        if j % G == 0:  # one writer per key/value head; no program reads row pos of the cache
+            tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
+            tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)
+        # Online softmax in fp32: the new position (from registers), then the cached rows < pos.
+        m = tl.sum(q * k.to(tl.float32), axis=0) * scale
+        sm = s < pos
+        sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m - m_new)
+        acc = v.to(tl.float32) * alpha + tl.sum(p[:, None] * tl.where(sm[:, None], vt.to(tl.float32), 0.0), axis=0)
+        l_sum = alpha + tl.sum(p, axis=0)
+        m = m_new
+        for s0 in range(BLOCK_S, pos, BLOCK_S):  # longer contexts: BLOCK_S rows at a time
+            ss = s0 + s
+            sm = ss < pos
+            kt = tl.load(k_base + ss[:, None] * stride_ks, mask=sm[:, None], other=0.0)
+            vt = tl.load(v_base + ss[:, None] * stride_vs, mask=sm[:, None], other=0.0)
+            sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new)
+            acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+            l_sum = l_sum * alpha + tl.sum(p, axis=0)
+            m = m_new
+        tl.store(y_ptr + j * D + d, (acc / l_sum).to(dt))
+
+
+def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> torch.Tensor:
+    b, hkv, _, d = k_cache.shape
+    if b != 1 or qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
+        return decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)
+    y = torch.empty(1, 1, n_heads * d, dtype=qkv.dtype, device=qkv.device)
+    s_max = k_cache.shape[2]
+    # BLOCK_S rows of K and V per step, at most the cache's length (the first block is loaded
+    # unmasked); 128 x 128 covers a gpt-fast-style 200-token run in one or two steps.
+    block_s = min(128 * 128 // d, 1 << (s_max.bit_length() - 1))
+    _decode_attention_kernel[(n_heads,)](
+        qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y,
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
+        Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s,
+        num_warps=8 if block_s * d >= 8192 else 4)
+    return y
+
+
+@torch.library.custom_op("teal_nb::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, scale: float) -> torch.Tensor:
+    """qkv [B, 1, (n_heads + 2 Hkv) D] (the fused projection's output), RoPE tables [S, D],
+    pos [1] (int), caches [B, Hkv, S, D] written at pos -> attention output [B, 1, n_heads D]."""
+    return _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)
+
+
+@decode_attention.register_fake
+def _(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale):
+    return qkv.new_empty(k_cache.shape[0], 1, n_heads * k_cache.shape[-1])
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+__all__ = ["decode_attention", "decode_attention_reference", "usable"]
