@@ -332,10 +332,10 @@ class Decoder(nn.Module):
             return F.linear(x, w, bias)
         t = self.thresholds[li, cols[0]:cols[-1] + 1]
         if self.count and not torch.compiler.is_compiling():
-            xs = x[:, sparse_rows].float().abs()
-            for j, c in enumerate(cols):
-                self.stats[li, c, 0] += (xs <= t[j]).sum()
-                self.stats[li, c, 1] += xs.numel()
+            xs = x[:, sparse_rows].float().abs().reshape(-1, 1)
+            st = self.stats[li, cols[0]:cols[-1] + 1]  # a view: the counts land in self.stats
+            st[:, 0] += (xs <= t[None, :]).sum(0)
+            st[:, 1] += xs.numel()
         if self.backend == "triton" and x.shape[1] == 1 and sparse_rows == slice(None):
             from .kernels import sparse_gemv
 

@@ -144,6 +144,7 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
               backend: str = "triton", device: str = "cuda", compile_mode: str | None = "reduce-overhead",
               n_layers: int | None = None, calib_iters: int = 4, calib_tol: float = 0.01, calib_prompt: str = "same",
               budget_s: float = 540.0, preset_overrides: dict | None = None, dense_layout: bool = True,
+              sparsities_by_dtype: dict | None = None,
               out: str | Path | None = None, command: str | None = None, log=print) -> dict:
     """Run the sweep; write `out` (JSON) after every record so a cut-short run keeps what it measured."""
     from .decode import Decoder
@@ -196,7 +197,7 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
     result["copy_GBps"] = copy_gbps
     log(f"copy rate {copy_gbps:.0f} GB/s (read + write)")
     for dtype in dtypes:
-        if left() < 150:
+        if left() < 100:
             result["skipped"].append(f"{dtype}: time budget")
             log(f"skip {dtype}: {left():.0f} s left")
             continue
@@ -257,14 +258,14 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
             f"{rec['pct_copy_rate']:.0f}% of copy) [{rec['wall_s']:.0f} s incl. compile]")
 
         configs = []
-        for s in sparsities:
+        for s in (sparsities_by_dtype or {}).get(dtype, sparsities):
             configs.append(("uniform", s, torch.full((dec.cfg.n_layers, len(SITES)), float(s))))
-            if s in nonuniform_at:
+            if s in nonuniform_at and dtype not in (sparsities_by_dtype or {}):
                 configs.append(("nonuniform", s, nonuniform_allocation(dec.cfg, s)))
         configs.append(("uniform", 0.0, None))  # the sparse path with nothing skipped
         first_sparse, sparse_ok = True, False
         for allocation, s, alloc in configs:
-            need = 200 if first_sparse else 30
+            need = 60 if first_sparse else 25
             if left() < need:
                 result["skipped"].append(f"{dtype} {backend} {allocation} {s}: time budget")
                 log(f"skip {dtype} {allocation} {s}: {left():.0f} s left")

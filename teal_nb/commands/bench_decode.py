@@ -14,6 +14,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtypes", default="bfloat16,float16", help="comma-separated (default: bfloat16,float16)")
     p.add_argument("--sparsities", type=_floats, default=(0.5, 0.4, 0.25, 0.65),
                    help="uniform target sparsities, in the order run (default: 0.5,0.4,0.25,0.65)")
+    p.add_argument("--sparsities-float16", type=_floats, default=None,
+                   help="uniform sparsities for float16 if other than --sparsities (e.g. 0.5; float16 then gets "
+                        "no non-uniform run)")
     p.add_argument("--nonuniform-at", type=_floats, default=(0.5,),
                    help="sparsities that also get a non-uniform (greedy-like) allocation (default: 0.5)")
     p.add_argument("--backend", default="triton", choices=("triton", "torch"), help="sparse backend")
@@ -48,7 +51,8 @@ def run(args) -> int:
                     args.nonuniform_at, args.runs, args.warmup, args.new_tokens, args.prompt_len,
                     args.backend, device, None if args.no_compile else "reduce-overhead", args.n_layers,
                     calib_iters=args.calib_iters, calib_prompt=args.calib_prompt, budget_s=args.budget_s,
-                    dense_layout=not args.no_dense_layout, out=args.out or None, command=" ".join(sys.argv))
+                    dense_layout=not args.no_dense_layout,
+                    sparsities_by_dtype={"float16": args.sparsities_float16} if args.sparsities_float16 else None, out=args.out or None, command=" ".join(sys.argv))
     print(format_table(res["records"]))
     if args.out:
         print(f"wrote {args.out}")
