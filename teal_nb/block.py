@@ -91,32 +91,36 @@ class BlockRunner:
             x = F.hardshrink(x, t)
         return F.linear(x, self.w[site], self.b[site])
 
-    def _qkv(self, site: str, t: float) -> torch.Tensor:
+    def _qkv(self, site: str, t: float, memo: bool = True) -> torch.Tensor:
         """q, k or v (heads, RoPE applied) at threshold t. They read the block's dense input, so
         they depend on their own threshold only: memoised, a step on q costs no q matmul twice."""
         key = (site, t)
-        if key not in self.memo:
-            e0 = self.eval_from
-            if site == "q":
-                y = _rope(self._heads(self._proj(self.a_e, "q", t)), self.cos[:, e0:], self.sin[:, e0:])
-            else:
-                y = self._heads(torch.cat([self.prefix[site], self._proj(self.a_sparse, site, t)], dim=1))
-                if site == "k":
-                    y = _rope(y, self.cos, self.sin)
+        if key in self.memo:
+            return self.memo[key]
+        e0 = self.eval_from
+        if site == "q":
+            y = _rope(self._heads(self._proj(self.a_e, "q", t)), self.cos[:, e0:], self.sin[:, e0:])
+        else:
+            y = self._heads(torch.cat([self.prefix[site], self._proj(self.a_sparse, site, t)], dim=1))
+            if site == "k":
+                y = _rope(y, self.cos, self.sin)
+        if memo:
             self.memo[key] = y
-        return self.memo[key]
+        return y
 
     def _heads(self, y: torch.Tensor) -> torch.Tensor:
         B, T, _ = y.shape
         return y.view(B, T, -1, self.head_dim).transpose(1, 2)
 
     @torch.no_grad()
-    def run(self, base: dict | None, th: dict[str, float], changed: str | None = None) -> dict:
+    def run(self, base: dict | None, th: dict[str, float], changed: str | None = None,
+            memo: bool = True) -> dict:
         """Stages of the block under thresholds `th` (site -> t; t < 0 keeps everything).
 
         With `base` (the stages of a state that differs from `th` only at site `changed`), only
         the stages downstream of `changed` are recomputed. Returns the new stages; `["y"]` is the
-        block output on the evaluated positions.
+        block output on the evaluated positions. `memo=False`: do not keep this run's q, k, v
+        for later runs (a one-off state, e.g. the uniform point of each row).
         """
         full = base is None
         st = {} if full else dict(base)
@@ -125,7 +129,7 @@ class BlockRunner:
         attn_changed = full or changed in ATTN_SITES
         for site in ("q", "k", "v"):
             if full or changed == site:
-                st[site] = self._qkv(site, th[site])
+                st[site] = self._qkv(site, th[site], memo)
         if full or changed in ("q", "k", "v"):
             o = F.scaled_dot_product_attention(st["q"], st["k"], st["v"], attn_mask=self.mask,
                                                scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)

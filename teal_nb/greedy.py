@@ -6,11 +6,29 @@ For one decoder layer, with its input taken from the dense model on calibration 
     repeat until the effective sparsity reaches max_sparsity:
         for each site i: raise s_i by step_i = base_step * params_q / params_i, run the block,
                          measure the error of its output against the dense output
-        accept the site with the smallest error; record (s, error, uniform's error)
+        (ours) one more candidate: every site at the next row's effective sparsity (uniform)
+        accept the candidate with the smallest error; record (s, error, uniform's error)
 
 Every accepted step skips `base_step * params_q` weights (the step is inversely proportional to
 the site's size), so row k of a path sits at effective sparsity k * base_step * params_q / params_total
 whichever sites were chosen, and paths of all layers share one grid of effective sparsities.
+
+The uniform candidate (`uniform_candidate=True`, ours; TEAL's search has none). TEAL's path
+moves one site at a time from dense, so nothing stops it from being worse than uniform sparsity
+at the same effective sparsity, and on the embedded model it is, on the first rows of some
+layers: one step on `k` alone is 0.3 of its range, while uniform spreads the same bytes over
+seven sites, and at small sparsity spreading wins (the error of zeroing the smallest entries
+grows faster than linearly in the sparsity). Ours puts the uniform point of the next row among
+the candidates at every step; when it beats every single-site step, the state jumps there and
+the search continues greedily from it (sites then step from a common base, s_i = p0 + n_i *
+step_i). Every row is the best of a candidate set that contains uniform, so
+
+    error[k] <= uniform_error[k]   for every row k of every layer,
+
+by construction, not by luck of the data. Where TEAL's path is never worse than uniform, both
+searches take the same path (by induction: the uniform candidate never wins a step). Uniform's
+error is then measured at every row (it is a candidate), which TEAL does too (`baseline_every`
+only thins that measurement in TEAL's mode); the cost is one full block run per row.
 
 Choices, with TEAL's beside ours (`GreedyConfig`, `TEAL_DEFAULTS`):
 - thresholds: from the dense model's calibration histograms (`calibration.cached_histograms`),
@@ -50,7 +68,7 @@ from .config import HIDDEN_STATES, SITE_STATE, SITES, check_prefill, check_spars
 @dataclass(frozen=True)
 class GreedyConfig:
     """Parameters of the search. TEAL's values are in `TEAL_DEFAULTS`."""
-    # Defaults sized for the embedded model on a 2-core CPU (about 3.4 TFLOP in all); TEAL's beside.
+    # Defaults sized for the embedded model on a 2-core CPU (search_flops: ~60 TFLOP); TEAL's beside.
     base_step: float = 0.1          # sparsity step of q; site i steps base_step * params_q / params_i (TEAL 0.05)
     max_sparsity: float = 0.8       # the paths end at this effective block sparsity (TEAL 0.9)
     last_fraction: float = 0.25     # the error is measured on this last fraction of positions (TEAL 0.25)
@@ -60,7 +78,8 @@ class GreedyConfig:
     seed: int = 0
     method: str = "abs"             # threshold method, thresholds.METHODS (TEAL "signed")
     error: str = "rel_mse"          # block error, block.block_error (TEAL "teal_l2")
-    baseline_every: int = 2         # measure uniform's error every this many rows, NaN between (TEAL 1)
+    baseline_every: int = 2         # without uniform_candidate: uniform's error every this many rows (TEAL 1)
+    uniform_candidate: bool = True  # the uniform point is a candidate at every step (ours; TEAL False)
 
     def check(self) -> "GreedyConfig":
         if not 0 < self.base_step < 1:
@@ -82,7 +101,7 @@ class GreedyConfig:
 TEAL_DEFAULTS = {
     "base_step": 0.05, "max_sparsity": 0.9, "last_fraction": 0.25, "prefill": "last_half",
     "calibration": "Alpaca (tatsu-lab/alpaca), 10 x 2048 tokens", "method": "signed",
-    "error": "teal_l2", "baseline_every": 1,
+    "error": "teal_l2", "baseline_every": 1, "uniform_candidate": False,
 }
 
 
@@ -135,18 +154,28 @@ class SiteThresholds:
 
 def greedy_layer(runner: BlockRunner, target: torch.Tensor, thresholds: SiteThresholds,
                  params: dict[str, int], cfg: GreedyConfig, progress: bool = False, desc: str = ""):
-    """One layer's path: (sparsity [K + 1, 7], error [K + 1], uniform_error [K + 1])."""
+    """One layer's path: (sparsity [K + 1, 7], error [K + 1], uniform_error [K + 1]).
+
+    The state is a base sparsity `p0` shared by all sites plus `counts[s]` steps of each site:
+    s_i = p0 + counts[i] * step_i. TEAL's search (`uniform_candidate=False`) keeps p0 = 0. Ours
+    adds, at every step, the uniform point of the next row as an eighth candidate; when its error
+    is lower than every single-site step, the state jumps there (p0 = that sparsity, counts = 0)
+    and the search continues greedily from it. Each row is then the best of candidates that
+    include uniform, so its error is never above uniform's at the same effective sparsity.
+    """
     from tqdm.auto import tqdm
 
     steps, eff = site_steps(params, cfg.base_step), effective_step(params, cfg.base_step)
     K = n_rows(params, cfg)
-    caps = {s: _max_count(steps[s]) for s in SITES}
-    counts = dict.fromkeys(SITES, 0)
+    p0, counts = 0.0, dict.fromkeys(SITES, 0)
 
-    def th(c):
-        return {s: thresholds(s, c[s] * steps[s]) for s in SITES}
+    def th(p0, c):
+        return {s: thresholds(s, p0 + c[s] * steps[s]) for s in SITES}
 
-    state = runner.run(None, th(counts))
+    def can_step(s):  # the site stays below sparsity 1 after one more step
+        return counts[s] + 1 <= math.ceil((1 - p0) / steps[s] - 1e-9) - 1
+
+    state = runner.run(None, th(p0, counts))
     sparsity = torch.zeros(K + 1, len(SITES), dtype=torch.float64)
     error = torch.zeros(K + 1, dtype=torch.float64)
     uniform = torch.full((K + 1,), float("nan"), dtype=torch.float64)
@@ -154,23 +183,65 @@ def greedy_layer(runner: BlockRunner, target: torch.Tensor, thresholds: SiteThre
     for k in tqdm(range(1, K + 1), desc=desc or "greedy", disable=not progress, leave=False):
         best = None
         for s in SITES:
-            if counts[s] >= caps[s]:
+            if not can_step(s):
                 continue
             cand = dict(counts)
             cand[s] += 1
-            st = runner.run(state, th(cand), s)
+            st = runner.run(state, th(p0, cand), s)
             e = block_error(st["y"], target, cfg.error)
             if best is None or e < best[0]:  # ties: the first site in SITES order
                 best = (e, s, st)
-        e, s, state = best
-        counts[s] += 1
-        sparsity[k] = torch.tensor([counts[x] * steps[x] for x in SITES], dtype=torch.float64)
-        error[k] = e
-        if k % cfg.baseline_every == 0 or k == K:
+        if cfg.uniform_candidate or k % cfg.baseline_every == 0 or k == K:
             p = k * eff
-            uni = runner.run(None, {x: thresholds(x, p) for x in SITES})
+            uni = runner.run(None, {x: thresholds(x, p) for x in SITES}, memo=False)
             uniform[k] = block_error(uni["y"], target, cfg.error)
+            if cfg.uniform_candidate and (best is None or uniform[k] < best[0]):
+                best = (float(uniform[k]), None, uni)  # jump to the uniform point
+        e, s, state = best
+        if s is None:
+            p0, counts = k * eff, dict.fromkeys(SITES, 0)
+        else:
+            counts[s] += 1
+        sparsity[k] = torch.tensor([p0 + counts[x] * steps[x] for x in SITES], dtype=torch.float64)
+        error[k] = e
     return sparsity, error, uniform
+
+
+def search_flops(preset, cfg: GreedyConfig | None = None) -> dict:
+    """Matmul FLOPs of the search for a model shape (`config.Preset`) and settings: an upper bound.
+
+    Counts what `BlockRunner` computes for each candidate of each row (q/k/v projections as if
+    never memoised, the causal mask as if it saved nothing), the uniform run of each row where it
+    is measured, and the two full runs (dense target, start) of each layer. Norms, RoPE, SiLU,
+    thresholding and the dense forward that records the layer inputs are left out: small next to
+    the matmuls. Used to turn a measured rate into an estimate for another model or machine.
+    """
+    cfg = (cfg or GreedyConfig()).check()
+    B, T = cfg.sequences, cfg.seq_len
+    Te = max(1, round(T * cfg.last_fraction))     # evaluated positions (compute_allocation)
+    Ts = T - sparse_range(T, cfg.prefill)
+    D, I, H, hd = preset.hidden, preset.intermediate, preset.n_heads, preset.head_dim
+    kv = preset.n_kv_heads * hd
+
+    def lin(tokens, n_out, n_in):
+        return 2 * B * tokens * n_out * n_in
+
+    P = {"q": lin(Te, D, D), "k": lin(Ts, kv, D), "v": lin(Ts, kv, D), "o": lin(Te, D, D),
+         "gate": lin(Te, I, D), "up": lin(Te, I, D), "down": lin(Te, D, I)}
+    attn = 2 * 2 * B * H * Te * T * hd                      # q k^T and p v over all T keys
+    mlp = P["gate"] + P["up"] + P["down"]
+    after_qkv = attn + P["o"] + mlp
+    full = P["q"] + P["k"] + P["v"] + after_qkv
+    candidates = {"q": P["q"] + after_qkv, "k": P["k"] + after_qkv, "v": P["v"] + after_qkv,
+                  "o": P["o"] + mlp, "gate": P["gate"] + P["down"], "up": P["up"] + P["down"],
+                  "down": P["down"]}
+    params = {s: preset.site_params(s) for s in SITES}
+    K = n_rows(params, cfg)
+    uniform_rows = K if cfg.uniform_candidate else len(
+        {k for k in range(1, K + 1) if k % cfg.baseline_every == 0 or k == K})
+    per_layer = K * sum(candidates.values()) + uniform_rows * full + 2 * full
+    return {"rows": K, "per_row_candidates": sum(candidates.values()), "full_run": full,
+            "per_layer": per_layer, "total": per_layer * preset.n_layers}
 
 
 # ---------------------------------------------------------------------- the whole model
@@ -217,6 +288,21 @@ def layer_inputs(model: nn.Module, batches: torch.Tensor, layers: list[int]):
 
 class _Enough(Exception):
     pass
+
+
+def layer_path(model: nn.Module, layer: int, hist, batches: torch.Tensor, cfg: GreedyConfig | None = None,
+               progress: bool = False):
+    """Algorithm 1 on one layer, as `compute_allocation` runs it: (sparsity, error, uniform_error)."""
+    from .models import decoder_layers, model_sites, site_params
+
+    cfg = (cfg or GreedyConfig()).check()
+    inputs, cos, sin = layer_inputs(model, batches, [layer])
+    T = batches.shape[1]
+    runner = BlockRunner(decoder_layers(model)[layer], model_sites(model)[layer], inputs[layer], cos, sin,
+                         sparse_range(T, cfg.prefill), T - max(1, round(T * cfg.last_fraction)))
+    target = runner.run(None, {s: -1.0 for s in SITES})["y"]
+    return greedy_layer(runner, target, SiteThresholds(hist, layer, cfg.method), site_params(model), cfg,
+                        progress=progress, desc=f"layer {layer}")
 
 
 def compute_allocation(model: nn.Module, tok=None, cfg: GreedyConfig | None = None,
@@ -345,5 +431,5 @@ def allocation_sparsities(model: nn.Module, allocation: str, sparsity: float) ->
     return alloc.site_sparsities(sparsity, rule)
 
 
-__all__ = ["GreedyConfig", "TEAL_DEFAULTS", "greedy_layer", "compute_allocation", "allocation_sparsities",
-           "site_steps", "effective_step", "find_allocation", "layer_inputs"]
+__all__ = ["GreedyConfig", "TEAL_DEFAULTS", "greedy_layer", "search_flops", "compute_allocation", "allocation_sparsities",
+           "site_steps", "effective_step", "find_allocation", "layer_inputs", "layer_path"]

@@ -28,7 +28,11 @@ def add_arguments(p):
                    help="threshold from the |x| quantile (ours) or TEAL's signed icdf")
     p.add_argument("--error", default=d.error, choices=["rel_mse", "teal_l2"], help="block error measure")
     p.add_argument("--baseline-every", type=int, default=d.baseline_every,
-                   help="measure uniform allocation's error every N path rows")
+                   help="with --no-uniform-candidate: measure uniform allocation's error every N path rows "
+                        "(with the uniform candidate it is measured at every row)")
+    p.add_argument("--no-uniform-candidate", dest="uniform_candidate", action="store_false",
+                   help="TEAL's search: single-site steps only, no uniform point among the candidates "
+                        "(then greedy can be worse than uniform at some rows)")
     p.add_argument("--dtype", default=None, help="model dtype (default: the preset's)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None,
@@ -50,7 +54,7 @@ def run(args):
     cfg = GreedyConfig(base_step=args.base_step, max_sparsity=args.max_sparsity,
                        last_fraction=args.last_fraction, prefill=args.prefill, sequences=args.sequences,
                        seq_len=args.seq_len, seed=args.seed, method=args.method, error=args.error,
-                       baseline_every=args.baseline_every).check()
+                       baseline_every=args.baseline_every, uniform_candidate=args.uniform_candidate).check()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_model(args.model, dtype=args.dtype, device=device)
     t0 = time.perf_counter()
@@ -63,6 +67,9 @@ def run(args):
                "seconds_total_all_runs": round(alloc.meta["seconds_total"], 1),
                "cpu_seconds_total_all_runs": round(alloc.meta["cpu_seconds_total"], 1),
                "resumed_layers": alloc.meta["resumed_layers"], "threads": torch.get_num_threads()}
+    measured = ~alloc.uniform_error.isnan()
+    summary["uniform_candidate"] = alloc.config.get("uniform_candidate", False)
+    summary["rows_greedy_worse_than_uniform"] = int((alloc.error[measured] > alloc.uniform_error[measured]).sum())
     for target in (0.25, 0.5):
         if target <= alloc.max_sparsity:
             measured = (~alloc.uniform_error[0].isnan()).nonzero().flatten()
