@@ -153,8 +153,16 @@ if HAVE_TRITON:
                        other=0.0)
 
     @triton.jit
+    def _fence_gpu(FENCE: tl.constexpr):
+        """fence.acq_rel.gpu in every thread (CUDA's __threadfence); a no-op in the interpreter,
+        which has no inline assembly and runs programs one after another anyway."""
+        if FENCE:
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
     def _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N,
-                  REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, FENCE: tl.constexpr):
         """Write y = sum over K slices of `part` (+ bias) in y's dtype.
 
         One slice: store. Several: REDUCE=0 adds the partials with fp32 atomics into a scratch
@@ -174,9 +182,16 @@ if HAVE_TRITON:
                 tl.atomic_add(acc_ptr + offs_n, part, mask=nmask, sem="relaxed")
             else:
                 tl.store(acc_ptr + tl.program_id(1) * N + offs_n, part, mask=nmask)
-            tl.debug_barrier()  # every thread's partials issued before the arrival is signalled
+            # Every thread's partials must have reached L2 before the arrival is counted: a fence
+            # in each thread, then the barrier, then one thread's increment. (The increment's own
+            # release orders only its own thread's writes: without the fences the last program
+            # could read the sum before another thread's atomic landed, which then landed in the
+            # zeroed scratch, wrong now and in later calls. Seen on the H200, 1024-column blocks.)
+            _fence_gpu(FENCE)
+            tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == split_k - 1:  # the last program of this output block finishes it
+                _fence_gpu(FENCE)  # the acquire, for every thread of this program
                 if REDUCE == 0:
                     # All slices have added (acquired through the counter): read the sum from L2.
                     total = tl.load(acc_ptr + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
@@ -197,6 +212,7 @@ if HAVE_TRITON:
         N, K, stride_wk, B1, B2, ITERS,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
+        FENCE: tl.constexpr,
     ):
         """Masked variant: walks its K slice tile by tile, loading only the kept rows of each."""
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
@@ -231,7 +247,7 @@ if HAVE_TRITON:
             x_nxt = x_nn
         acc += w_cur.to(tl.float32) * x_cur[:, None]
         part = tl.sum(acc, axis=0)  # [BLOCK_N] fp32 partial sums of this K slice
-        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS)
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE)
 
     @triton.jit
     def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, SCAN: tl.constexpr):
@@ -282,7 +298,7 @@ if HAVE_TRITON:
         N, K, stride_wk, B1, B2, SLICE,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, PRODUCED: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-        DEPTH: tl.constexpr, PDL: tl.constexpr,
+        DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -332,7 +348,7 @@ if HAVE_TRITON:
                 w1, x1 = w2, x2
                 i2, x2, v2 = i3, x3, v3
         part = tl.sum(acc, axis=0)
-        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS)
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE)
 
 
 # Scratch (fp32 accumulator / partials, int32 arrival counters, the kept-channel lists), one
@@ -411,7 +427,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
     pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
-                  HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl,
+                  HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda,
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     bias_arg = bias if bias is not None else y
     grid_n = triton.cdiv(N, cfg.block_n)

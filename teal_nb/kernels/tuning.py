@@ -1,22 +1,25 @@
 """Launch configurations of the sparse GEMV kernel, keyed by (N, K), chosen by measurement.
 
-A config is (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, NUM_STAGES]); SLICE = 0
-selects the masked kernel, SLICE > 0 the compacting one (see gemv._launch). The table was filled by
-`kernels/tune_gemv.py` on one NVIDIA H200: for each shape the config with the lowest sum over
-sparsities 0, 0.5 and 0.8 of time / best time. Llama-3-8B shapes from the last sweep
-(kernels/results/h200/gemv_tune.json), the embedded model's from the one before
-(gemv_tune_v3.json); kernels/results/h200/gemv.json was measured with exactly this table.
-Shapes not in the table get `default_config`, a size rule read off the same sweeps.
+A config is a `gemv.Config` (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, DEPTH,
+PDL, SCAN, PRODUCER]); SLICE = 0 selects the masked kernel, SLICE > 0 the compacting one, each
+program owning SLICE input channels. The Llama-3-8B configs were chosen by sweep 7
+(kernels/results/h200/gemv_tune.json, `kernels/tune_gemv.py` on one NVIDIA H200): for each shape
+the config with the lowest weighted sum over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5)
+of time / best time. The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
+kernels/results/h200/gemv.json was measured with exactly this table. Shapes not in the table get
+`default_config`, a size rule read off the same sweeps.
 """
 from __future__ import annotations
 
 TABLE: dict[tuple[int, ...], tuple[int, ...]] = {
-    (6144, 4096): (128, 32, 4, 0, 0, 512, 0),  # qkv_fused
-    (4096, 4096): (64, 64, 4, 4, 0, 0, 0),  # q|o
-    (1024, 4096): (64, 64, 4, 4, 0, 0, 0),  # k|v
-    (28672, 4096): (256, 32, 4, 0, 0, 2048, 3),  # gate_up_fused
-    (14336, 4096): (256, 32, 4, 0, 0, 1024, 0),  # gate|up
-    (4096, 14336): (128, 32, 4, 0, 0, 2048, 4),  # down
+    # Wide output blocks (512-1024 columns: 1-2 KB of each kept row per program) and short K
+    # slices, sized so that the grid fills the 132 SMs about evenly (kernels/README.md).
+    (6144, 4096): (512, 16, 4, 0, 0, 192, 1),  # qkv_fused: 12 x 22 programs
+    (4096, 4096): (512, 16, 4, 0, 0, 128, 1),  # q|o: 8 x 32
+    (1024, 4096): (64, 64, 4, 4, 0, 0),  # k|v: masked, 16 x 32
+    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1),  # gate_up_fused: 28 x 9
+    (14336, 4096): (512, 16, 4, 0, 0, 456, 1),  # gate|up: 28 x 9
+    (4096, 14336): (1024, 8, 4, 0, 0, 224, 1),  # down: 4 x 64
     (960, 576): (64, 32, 4, 8, 0, 0),  # smol_qkv_fused
     (576, 576): (64, 32, 4, 2, 0, 0),  # smol_q|o
     (192, 576): (64, 32, 4, 4, 0, 0),  # smol_k|v
@@ -27,10 +30,13 @@ TABLE: dict[tuple[int, ...], tuple[int, ...]] = {
 
 
 def default_config(N: int, K: int) -> tuple[int, ...]:
-    # In the sweeps the masked kernel won below ~16M weights, the compacting one above.
-    if N * K >= 24 * 2**20:
-        return (128, 32, 4, 0, 0, 1024, 0)
-    return (64, 64, 4, 4, 0, 0, 0)
+    # In the sweeps the masked kernel won below ~4M weights, wide compacting blocks with about
+    # two programs per SM above.
+    if N * K > 2**22 and N >= 512:
+        block_n = 512 if N % 512 == 0 or N >= 8192 else 256
+        slice_ = max(128, -(-K * (N // block_n) // 264) // 8 * 8)  # ~264 programs
+        return (block_n, 16 if block_n == 512 else 32, 4, 0, 0, slice_, 1)
+    return (64, 64, 4, 4, 0, 0)
 
 
 def config_for(N: int, K: int) -> tuple[int, ...]:
