@@ -11,10 +11,11 @@ kernel does the whole step for one new token:
 
 One program per query head (GQA: the G heads of a group read the same K/V rows, from L2 after
 the first). The step is latency-bound (about 1 MB of cache per layer): the first BLOCK_S rows of
-K and V (256 x 128 for Llama-3) are requested at once, unmasked, with the position and the new
+K and V are requested at once, unmasked, with the position and the new
 q, k, v, so that the kernel waits for about two dependent loads (the position, then its RoPE
 row); rows from the position on are masked out of the softmax, and longer contexts loop over
-further blocks (masked loads) with an online softmax in fp32. The new position's key and value
+further blocks (masked loads) with an online softmax in fp32. The block size trades requests in
+flight against registers (`CONFIGS`, chosen by timing on the device). The new position's key and value
 come from registers, so no program reads what another one writes (the first head of each group
 writes the cache, nobody waits). A first version (BLOCK_S = 64, every block loaded in the loop
 after the position was known) took 9 us per layer on an H200 at position 100.
@@ -135,17 +136,26 @@ if HAVE_TRITON:
         tl.store(y_ptr + j * D + d, (acc / l_sum).to(dt))
 
 
+# (BLOCK_S, num_warps) per (head_dim, cache length), set by measurement (decode_bench times the
+# candidates on the device at the start of a run); otherwise 64 x 4, which ptxas compiles for
+# head_dim 128 without spills. Wider blocks request more of the cache at once but hold it in
+# registers: 256 x 16 spilled 7 KB per thread (ptxas -v, sm_90a), 128 x 8 and 256 x 8 less.
+CONFIGS: dict[tuple[int, int], tuple[int, int]] = {}
+CANDIDATES = ((32, 4), (64, 4), (64, 8), (128, 8), (256, 16))
+
+
+def launch_config(head_dim: int, s_max: int) -> tuple[int, int]:
+    """(BLOCK_S, num_warps): the first block is loaded unmasked, so BLOCK_S <= the cache length."""
+    block_s, warps = CONFIGS.get((head_dim, s_max), (64, 4))
+    return min(block_s, 1 << (s_max.bit_length() - 1)), warps
+
+
 def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> torch.Tensor:
     b, hkv, _, d = k_cache.shape
     if b != 1 or qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
         return decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)
     y = torch.empty(1, 1, n_heads * d, dtype=qkv.dtype, device=qkv.device)
-    s_max = k_cache.shape[2]
-    # BLOCK_S rows of K and V per step, at most the cache's length (the first block is loaded
-    # unmasked, before the position is known): 256 x 128 covers a gpt-fast-style 200-token run
-    # in one step, so the step's latency is about two dependent loads (position, then RoPE).
-    block_s = min(max(32, 256 * 128 // d), 1 << (s_max.bit_length() - 1))
-    warps = 16 if block_s * d >= 32768 else 8 if block_s * d >= 8192 else 4
+    block_s, warps = launch_config(d, k_cache.shape[2])
     _decode_attention_kernel[(n_heads,)](
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,

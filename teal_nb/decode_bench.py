@@ -29,6 +29,17 @@ from .config import SITES, get_preset
 from .kernels.bench import copy_rate_gbps
 
 
+def _graphs_compiled() -> int:
+    """Graphs dynamo compiled in this process so far: one per (dtype, backend) when nothing
+    recompiles per position (the position is a tensor, the thresholds a buffer)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return -1
+
+
 def _timed_runs(dec, prompt, new_tokens, runs, warmup, forced=None):
     ids = None
     for _ in range(warmup):
@@ -108,6 +119,52 @@ def check_fused_attention(dec, log=print) -> bool:
     log(f"fused attention check: rel. errors {', '.join(f'{e:.1e}' for e in errs)} -> "
         f"{'fused' if ok else 'torch'}")
     return ok
+
+
+def choose_attention_config(dec, log=print) -> dict:
+    """Time the fused attention kernel's launch configs (teal_nb.decode_attention.CANDIDATES) on
+    all layers' caches (random contents) at a few positions, in a CUDA graph; keep the fastest
+    for the rest of the run. Returns {"BLOCK_SxWARPS": mean us per layer, ..., "chosen": ...}."""
+    import math as _m
+    import statistics as _st
+
+    from .decode_attention import CANDIDATES, CONFIGS, decode_attention, launch_config
+    from .kernels.bench import graph_us
+
+    cfg = dec.cfg
+    d, s_max = cfg.head_dim, dec.max_seq_len
+    g = torch.Generator(device=dec.device).manual_seed(1)
+    with torch.no_grad():
+        for b in dec.layers:  # not zeros: real values (generation overwrites every row it reads)
+            b.k_cache.normal_(generator=g)
+            b.v_cache.normal_(generator=g)
+    qkv = torch.randn(1, 1, cfg.proj_shape("qkv")[0], device=dec.device, generator=g).to(dec.dtype)
+    positions = [p for p in (50, 120, 200) if p < s_max] or [s_max - 1]
+    out, seen = {}, set()
+    for cand in CANDIDATES:
+        CONFIGS[(d, s_max)] = cand
+        eff = launch_config(d, s_max)
+        if eff in seen:
+            continue
+        seen.add(eff)
+        try:
+            times = []
+            for p in positions:
+                pos = torch.tensor([p], device=dec.device)
+                calls = [lambda b=b, pos=pos: decode_attention(qkv, dec.cos, dec.sin, pos, b.k_cache, b.v_cache,
+                                                               cfg.n_heads, 1 / _m.sqrt(d)) for b in dec.layers]
+                times.append(graph_us(calls, len(calls), 10))
+            out[f"{eff[0]}x{eff[1]}"] = _st.mean(times)
+        except Exception as e:  # noqa: BLE001 - a config that fails to build is not chosen
+            log(f"attention config {eff}: {type(e).__name__}: {e}")
+    if not out:
+        CONFIGS.pop((d, s_max), None)
+        return {"chosen": None}
+    best = min(out, key=out.get)
+    CONFIGS[(d, s_max)] = tuple(int(v) for v in best.split("x"))
+    log("attention (us per layer, mean over positions " + ", ".join(map(str, positions)) + "): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in out.items()) + f" -> {best}")
+    return {"us_per_layer": out, "positions": positions, "chosen": best}
 
 
 def choose_dense_layout(dec, log=print) -> dict:
@@ -214,6 +271,8 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
             torch.cuda.synchronize()
         log(f"[{dtype}] model built in {time.perf_counter() - t0:.1f} s")
         if cuda:
+            if dec.attention != "torch":
+                result.setdefault("attention_config", {})[dtype] = choose_attention_config(dec, log)
             fused = check_fused_attention(dec, log)
             result["protocol"].setdefault("attention", {})[dtype] = (
                 "fused Triton kernel (teal_nb.decode_attention: RoPE, cache write, attention)" if fused
@@ -250,6 +309,7 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
         log(f"[{dtype}] dense site inputs recorded in {time.perf_counter() - t0:.1f} s")
         rec = _record(dec, name, dec.dtype, "dense", "dense", 0.0, timings, None, copy_gbps, None)
         rec["compiled"] = dec._compiled is not None
+        rec["graphs_compiled_so_far"] = _graphs_compiled()
         dense_tok_s = rec["tok_s"]
         rec["wall_s"] = time.perf_counter() - t0
         result["records"].append(rec)
@@ -305,6 +365,7 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
                 rec["calibration_max_dev_per_pass"] = cal_info.get("max_dev_per_pass")
                 rec["wall_s"] = time.perf_counter() - t1
                 rec["compiled"] = dec._compiled is not None
+                rec["graphs_compiled_so_far"] = _graphs_compiled()
                 result["records"].append(rec)
                 save()
                 sparse_ok = True
