@@ -412,6 +412,12 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     block_n, block_k = _fit_block_n(cfg.block_n, cfg.block_k, splits)
     cfg = cfg._replace(block_n=min(block_n, triton.next_power_of_2(N)),
                        block_k=min(block_k, triton.next_power_of_2(K)))
+    if x1.is_cuda and cfg.block_n > 128 * cfg.warps:
+        # On the H200, (1024 columns, 4 warps) configs gave wrong results now and then (rel_err
+        # 0.04-0.24, sweeps 6-7 and two benches; a gpu fence before the arrival counter did not
+        # help; cause not found, not seen in the interpreter). Every config with at most 4
+        # columns per thread passed every check, so only those are allowed.
+        raise ValueError(f"config {tuple(cfg)}: more than 4 output columns per thread")
     y = torch.empty(N, dtype=x1.dtype, device=x1.device)
     bounds = list(splits[:-1])
     if any(b % cfg.block_n for b in bounds):  # segments not aligned to any usable block: one launch each
