@@ -135,19 +135,106 @@ if HAVE_TRITON:
             m = m_new
         tl.store(y_ptr + j * D + d, (acc / l_sum).to(dt))
 
+    @triton.jit
+    def _decode_attention_split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr,
+                                       part_ptr, cnt_ptr, S_MAX,
+                                       stride_kh, stride_ks, stride_vh, stride_vs, scale,
+                                       Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
+                                       D: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLIT: tl.constexpr):
+        """Flash-decoding: program (j, c) attends query head j to cache rows c*BLOCK_S ..
+        (c+1)*BLOCK_S - 1 (requested at once, before the position is known), chunk 0 also to the
+        new position; each active chunk stores (max, sum, weighted values) and the last one to
+        arrive on head j's counter combines them. One block of latency whatever the position."""
+        j = tl.program_id(0)
+        c = tl.program_id(1)
+        h = j // G
+        d = tl.arange(0, D)
+        s = c * BLOCK_S + tl.arange(0, BLOCK_S)
+        inside = s < S_MAX
+        kt = tl.load(kc_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
+        vt = tl.load(vc_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
+        pos = tl.load(pos_ptr)
+        n_active = tl.maximum((pos + BLOCK_S - 1) // BLOCK_S, 1)  # chunks holding rows < pos (>= 1)
+        if c < n_active:
+            HALF: tl.constexpr = D // 2
+            lo = d < HALF
+            rd = tl.where(lo, d + HALF, d - HALF)
+            sgn = tl.where(lo, -1.0, 1.0)
+            dt = y_ptr.dtype.element_ty
+            qb = qkv_ptr + j * D
+            kb = qkv_ptr + Q_SIZE + h * D
+            q0, q1 = tl.load(qb + d).to(tl.float32), tl.load(qb + rd).to(tl.float32)
+            k0, k1 = tl.load(kb + d).to(tl.float32), tl.load(kb + rd).to(tl.float32)
+            v = tl.load(qkv_ptr + Q_SIZE + KV_SIZE + h * D + d).to(dt)
+            cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+            q = (q0 * cos + sgn * q1 * sin).to(dt).to(tl.float32)
+            k = (k0 * cos + sgn * k1 * sin).to(dt)
+            if (j % G == 0) & (c == 0):
+                tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
+                tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)
+            s_new = tl.sum(q * k.to(tl.float32), axis=0) * scale
+            first = c == 0
+            sm = s < pos
+            sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
+            m = tl.maximum(tl.where(first, s_new, float("-inf")), tl.max(sc, axis=0))
+            p = tl.exp(sc - m)
+            a_new = tl.where(first, tl.exp(s_new - m), 0.0)
+            acc = v.to(tl.float32) * a_new + tl.sum(p[:, None] * tl.where(sm[:, None], vt.to(tl.float32), 0.0), axis=0)
+            l_sum = a_new + tl.sum(p, axis=0)
+            # This chunk's partial: [m, l, acc[D]] at part[j, c].
+            pb = part_ptr + (j * N_SPLIT + c) * (D + 2)
+            tl.store(pb + d, acc)
+            tl.store(pb + D, m)
+            tl.store(pb + D + 1, l_sum)
+            tl.debug_barrier()  # every thread's stores issued before the arrival is signalled
+            arrived = tl.atomic_add(cnt_ptr + j, 1, sem="acq_rel")
+            if arrived == n_active - 1:  # the last chunk of head j combines
+                cs = tl.arange(0, N_SPLIT)
+                act = cs < n_active
+                rows = part_ptr + (j * N_SPLIT + cs) * (D + 2)
+                ms = tl.load(rows + D, mask=act, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(rows + D + 1, mask=act, other=0.0, cache_modifier=".cg")
+                accs = tl.load(rows[:, None] + d[None, :], mask=act[:, None], other=0.0, cache_modifier=".cg")
+                mm = tl.max(ms, axis=0)
+                w = tl.where(act, tl.exp(ms - mm), 0.0)
+                y = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
+                tl.store(y_ptr + j * D + d, y.to(dt))
+                tl.atomic_xchg(cnt_ptr + j, 0, sem="relaxed")
+
 
 # (BLOCK_S, num_warps) per (head_dim, cache length), set by measurement (decode_bench times the
 # candidates on the device at the start of a run); otherwise 64 x 4, which ptxas compiles for
 # head_dim 128 without spills. Wider blocks request more of the cache at once but hold it in
 # registers: 256 x 16 spilled 7 KB per thread (ptxas -v, sm_90a), 128 x 8 and 256 x 8 less.
-CONFIGS: dict[tuple[int, int], tuple[int, int]] = {}
-CANDIDATES = ((32, 4), (64, 4), (64, 8), (128, 8), (256, 16))
+# A third entry 1 selects the split (flash-decoding) kernel: one program per (head, BLOCK_S rows).
+CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {}
+CANDIDATES = ((32, 4), (64, 4), (64, 8), (128, 8), (256, 16), (32, 4, 1), (64, 4, 1), (16, 4, 1))
 
 
-def launch_config(head_dim: int, s_max: int) -> tuple[int, int]:
-    """(BLOCK_S, num_warps): the first block is loaded unmasked, so BLOCK_S <= the cache length."""
-    block_s, warps = CONFIGS.get((head_dim, s_max), (64, 4))
-    return min(block_s, 1 << (s_max.bit_length() - 1)), warps
+def launch_config(head_dim: int, s_max: int) -> tuple[int, int, int]:
+    """(BLOCK_S, num_warps, split): the first block is loaded unmasked, so BLOCK_S <= the cache
+    length; split = 1 selects the flash-decoding kernel."""
+    block_s, warps, split = (tuple(CONFIGS.get((head_dim, s_max), (64, 4))) + (0,))[:3]
+    return min(block_s, 1 << (s_max.bit_length() - 1)), warps, split
+
+
+# Split kernel scratch per device: partials and per-head arrival counters (left zeroed by the
+# kernel). Allocated outside any CUDA graph capture (the first call is never captured: a
+# compiled step's first run is eager, and the bench warms up before it captures).
+_SCRATCH: dict = {}
+
+
+def _split_scratch(device: torch.device, n_part: int, n_heads: int):
+    key = (device.type, device.index)
+    part, cnt = _SCRATCH.get(key, (None, None))
+    if part is None or part.numel() < n_part or cnt.numel() < n_heads:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_attention: split scratch must be allocated before graph capture")
+        part = torch.empty(max(n_part, 1 << 16), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(n_heads, 256), dtype=torch.int32, device=device)
+        _SCRATCH[key] = (part, cnt)
+    return part, cnt
 
 
 def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> torch.Tensor:
@@ -155,7 +242,18 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
     if b != 1 or qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
         return decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)
     y = torch.empty(1, 1, n_heads * d, dtype=qkv.dtype, device=qkv.device)
-    block_s, warps = launch_config(d, k_cache.shape[2])
+    s_max = k_cache.shape[2]
+    block_s, warps, split = launch_config(d, s_max)
+    if split:
+        n_split = triton.cdiv(s_max, block_s)
+        n_split_p2 = triton.next_power_of_2(n_split)
+        part, cnt = _split_scratch(qkv.device, n_heads * n_split_p2 * (d + 2), n_heads)
+        _decode_attention_split_kernel[(n_heads, n_split)](
+            qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y, part, cnt, s_max,
+            k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
+            Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s,
+            N_SPLIT=n_split_p2, num_warps=warps)
+        return y
     _decode_attention_kernel[(n_heads,)](
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,

@@ -216,6 +216,42 @@ def test_generate_cli(capsys):
     assert out.startswith(PROMPT) and "tok/s" in out and "realized sparsity" in out
 
 
+def _attention_cases(dt, tol, cases):
+    import math
+
+    from teal_nb.decode_attention import decode_attention, decode_attention_reference
+
+    for h, hkv, d, s, p in cases:
+        qkv = torch.randn(1, 1, (h + 2 * hkv) * d).to(dt)
+        cos, sin = torch.randn(s, d).to(dt), torch.randn(s, d).to(dt)
+        kc, vc = torch.randn(1, hkv, s, d).to(dt), torch.randn(1, hkv, s, d).to(dt)
+        kr, vr = kc.clone(), vc.clone()
+        for _ in range(2):  # twice: the split kernel must leave its counters reset
+            y = decode_attention(qkv, cos, sin, torch.tensor([p]), kc, vc, h, 1 / math.sqrt(d))
+        ref = decode_attention_reference(qkv, cos, sin, torch.tensor([p]), kr, vr, h, 1 / math.sqrt(d))
+        assert ((y.float() - ref.float()).norm() / ref.float().norm()) < tol, (dt, h, d, s, p)
+        assert torch.equal(vc, vr)
+        assert torch.equal(kc[:, :, :p], kr[:, :, :p]) and torch.equal(kc[:, :, p + 1:], kr[:, :, p + 1:])
+        assert torch.allclose(kc[:, :, p].float(), kr[:, :, p].float(), rtol=1e-2, atol=1e-6)
+
+
+@torch.no_grad()
+def test_fused_attention_launch_configs():
+    """Every launch config the bench may choose (blocks, warps, the split kernel) computes the
+    reference's function, at positions in the first block, at a block edge and in the last one."""
+    from teal_nb import decode_attention as da
+
+    if not da.usable(torch.device("cpu")):
+        pytest.skip("needs Triton's CPU interpreter")
+    cases = [(4, 2, 32, 100, 0), (4, 2, 32, 100, 64), (4, 2, 32, 100, 99)]
+    try:
+        for cfg in da.CANDIDATES:
+            da.CONFIGS[(32, 100)] = cfg
+            _attention_cases(torch.float32, 1e-5, cases)
+    finally:
+        da.CONFIGS.pop((32, 100), None)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_attention_matches_torch(dtype):
