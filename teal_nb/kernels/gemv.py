@@ -9,19 +9,20 @@ that input channel k is one contiguous row of `wt`: skipping it skips whole 128-
 Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by measurement:
 
 * Both: the grid is (N / BLOCK_N) x SPLIT_K; program (i, j) owns output columns
-  i*BLOCK_N : (i+1)*BLOCK_N and one slice of the K input channels. There are only a few
-  programs per SM, each streaming a long slice, so that fixed costs per program (the x load
-  before the first W load, the arrival counter at the end) are paid about once per SM. A first
-  version with one tile per program and thousands of programs spent most of its time in those
-  fixed costs (see kernels/README.md).
+  i*BLOCK_N : (i+1)*BLOCK_N and one slice of the K input channels. Output blocks are wide
+  (512-1024 columns, i.e. 1-2 KB of each kept row per program): on the H200 a program that reads
+  only 32-128 B of each row streams 2-3x slower. The slices are sized so that the grid fills
+  the SMs about evenly, since one program streams only ~16-20 GB/s (kernels/README.md).
 * `_sparse_gemv_kernel` (masked): for each BLOCK_K tile of its slice it loads x, keeps the rows
   with |x| > t, and loads only those rows of the W^T tile (a masked-off row issues no memory
   transaction). Software-pipelined by hand: the next tile's W load is issued before the current
   tile's multiply-add, x two tiles ahead. Its trip count does not fall with sparsity.
-* `_sparse_gemv_compact_kernel` (compacting): thresholds its whole slice (SLICE channels) at
-  once, writes the kept channels' indices and values to a small scratch list with a prefix sum,
-  then loops over kept rows only, BLOCK_K gathered rows at a time; the trip count falls with
-  sparsity. Its loop is pipelined by Triton (NUM_STAGES > 0) or by hand (NUM_STAGES = 0).
+* `_sparse_gemv_compact_kernel` (compacting): thresholds its slice (SLICE channels, up to all
+  of K) and writes the kept channels' indices and values to a small scratch list with a prefix
+  sum, then loops over kept rows only, BLOCK_K gathered rows at a time, DEPTH (1-2) tiles in
+  flight, pipelined by hand in registers; the trip count falls with sparsity. Optionally the
+  list is built once per launch by `_kept_list_kernel` (PRODUCER; measured slower) and either
+  kernel can use programmatic dependent launch (PDL; not used, see kernels/README.md).
 * Products are summed in fp32.
 * The partial sums of the K slices of one output block are combined without a second launch:
   REDUCE=0 adds them with fp32 atomics into a scratch vector; REDUCE=1 stores them into a
@@ -182,19 +183,22 @@ if HAVE_TRITON:
                 tl.atomic_add(acc_ptr + offs_n, part, mask=nmask, sem="relaxed")
             else:
                 tl.store(acc_ptr + tl.program_id(1) * N + offs_n, part, mask=nmask)
-            # Every thread's partials must have reached L2 before the arrival is counted: a fence
-            # in each thread, then the barrier, then one thread's increment. (The increment's own
-            # release orders only its own thread's writes: without the fences the last program
-            # could read the sum before another thread's atomic landed, which then landed in the
-            # zeroed scratch, wrong now and in later calls. Seen on the H200, 1024-column blocks.)
+            # Every thread's partials reach L2 before the arrival is counted: a fence in each
+            # thread (as in CUDA's threadFenceReduction), the barrier, one thread's increment.
             _fence_gpu(FENCE)
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == split_k - 1:  # the last program of this output block finishes it
                 _fence_gpu(FENCE)  # the acquire, for every thread of this program
                 if REDUCE == 0:
-                    # All slices have added (acquired through the counter): read the sum from L2.
+                    # All slices have added (acquired through the counter): read the sum from L2,
+                    # then zero the scratch for the next call. The compiler may give the load and
+                    # the zeroing store different thread layouts (it did for 1024 columns on 4
+                    # warps), so one thread could zero what another had not yet read: the
+                    # barrier keeps every read before any zeroing (without it: rel_err 0.04-0.24
+                    # now and then on the H200).
                     total = tl.load(acc_ptr + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+                    tl.debug_barrier()
                     tl.store(acc_ptr + offs_n, tl.zeros([part.shape[0]], tl.float32), mask=nmask)
                 else:
                     total = tl.zeros([part.shape[0]], tl.float32)
@@ -412,12 +416,6 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     block_n, block_k = _fit_block_n(cfg.block_n, cfg.block_k, splits)
     cfg = cfg._replace(block_n=min(block_n, triton.next_power_of_2(N)),
                        block_k=min(block_k, triton.next_power_of_2(K)))
-    if x1.is_cuda and cfg.block_n > 128 * cfg.warps:
-        # On the H200, (1024 columns, 4 warps) configs gave wrong results now and then (rel_err
-        # 0.04-0.24, sweeps 6-7 and two benches; a gpu fence before the arrival counter did not
-        # help; cause not found, not seen in the interpreter). Every config with at most 4
-        # columns per thread passed every check, so only those are allowed.
-        raise ValueError(f"config {tuple(cfg)}: more than 4 output columns per thread")
     y = torch.empty(N, dtype=x1.dtype, device=x1.device)
     bounds = list(splits[:-1])
     if any(b % cfg.block_n for b in bounds):  # segments not aligned to any usable block: one launch each

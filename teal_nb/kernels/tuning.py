@@ -5,9 +5,7 @@ PDL, SCAN, PRODUCER]); SLICE = 0 selects the masked kernel, SLICE > 0 the compac
 program owning SLICE input channels. The Llama-3-8B configs were chosen by sweep 7
 (kernels/results/h200/gemv_tune.json, `kernels/tune_gemv.py` on one NVIDIA H200): for each shape
 the config with the lowest weighted sum over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5)
-of time / best time, among the configs that gemv._launch allows (at most 4 output columns per
-thread: the (1024 columns, 4 warps) configs that won sweep 7 for gate_up_fused and down were
-sometimes wrong). The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
+of time / best time. The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
 kernels/results/h200/gemv.json was measured with exactly this table. Shapes not in the table get
 `default_config`, a size rule read off the same sweeps.
 """
@@ -19,9 +17,9 @@ TABLE: dict[tuple[int, ...], tuple[int, ...]] = {
     (6144, 4096): (512, 16, 4, 0, 0, 192, 1),  # qkv_fused: 12 x 22 programs
     (4096, 4096): (512, 16, 4, 0, 0, 128, 1),  # q|o: 8 x 32
     (1024, 4096): (64, 64, 4, 4, 0, 0),  # k|v: masked, 16 x 32
-    (28672, 4096): (1024, 8, 8, 0, 0, 456, 2),  # gate_up_fused: 28 x 9
+    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1),  # gate_up_fused: 28 x 9
     (14336, 4096): (512, 16, 4, 0, 0, 456, 1),  # gate|up: 28 x 9
-    (4096, 14336): (512, 16, 4, 0, 0, 440, 1),  # down: 8 x 33
+    (4096, 14336): (1024, 8, 4, 0, 0, 224, 1),  # down: 4 x 64
     (960, 576): (64, 32, 4, 8, 0, 0),  # smol_qkv_fused
     (576, 576): (64, 32, 4, 2, 0, 0),  # smol_q|o
     (192, 576): (64, 32, 4, 4, 0, 0),  # smol_k|v
