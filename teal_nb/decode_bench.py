@@ -124,7 +124,8 @@ def check_fused_attention(dec, log=print) -> bool:
 def choose_attention_config(dec, log=print) -> dict:
     """Time the fused attention kernel's launch configs (teal_nb.decode_attention.CANDIDATES) on
     all layers' caches (random contents) at a few positions, in a CUDA graph; keep the fastest
-    for the rest of the run. Returns {"BLOCK_SxWARPS": mean us per layer, ..., "chosen": ...}."""
+    for the rest of the run. Returns {"us_per_layer": {"BLOCK_SxWARPSxSPLIT": mean us per layer},
+    "positions": [...], "chosen": key}."""
     import math as _m
     import statistics as _st
 
@@ -133,6 +134,10 @@ def choose_attention_config(dec, log=print) -> dict:
 
     cfg = dec.cfg
     d, s_max = cfg.head_dim, dec.max_seq_len
+    if (d, s_max) in CONFIGS:  # timed earlier in this process (another dtype): keep that choice
+        chosen = "x".join(map(str, launch_config(d, s_max)))
+        log(f"attention: {chosen} (timed earlier in this run)")
+        return {"chosen": chosen, "note": "timed earlier in this run (first dtype)"}
     g = torch.Generator(device=dec.device).manual_seed(1)
     with torch.no_grad():
         for b in dec.layers:  # not zeros: real values (generation overwrites every row it reads)
@@ -154,7 +159,7 @@ def choose_attention_config(dec, log=print) -> dict:
                 calls = [lambda b=b, pos=pos: decode_attention(qkv, dec.cos, dec.sin, pos, b.k_cache, b.v_cache,
                                                                cfg.n_heads, 1 / _m.sqrt(d)) for b in dec.layers]
                 times.append(graph_us(calls, len(calls), 10))
-            out[f"{eff[0]}x{eff[1]}"] = _st.mean(times)
+            out["x".join(map(str, eff))] = _st.mean(times)  # BLOCK_S x warps x split
         except Exception as e:  # noqa: BLE001 - a config that fails to build is not chosen
             log(f"attention config {eff}: {type(e).__name__}: {e}")
     if not out:
