@@ -16,8 +16,10 @@ The prefill protocol is part of every evaluation, because it decides what is spa
     half of each request's tokens is sparse; with `all`, every token is.
   - generation tasks (GSM8K) prefill the prompt under the protocol, then every decoded token
     is sparse (TEAL's target setting).
-With `last_half` the batch size is forced to 1: the harness right-pads a batch, and "the last
-half" of a padded row is not the last half of its request.
+With `last_half` the harness's right-padded log-likelihood batches are sparsified row by row:
+"the last half" of a padded row is not the last half of its request, so the bridge hands each
+row's true length to the sparsified model before every batched forward (`_row_lengths`), and
+generation tasks (left-padded prompts) run one request at a time.
 
 `lm_eval` is imported lazily: the package imports (and runs its GPU paths) without it.
 """
@@ -129,8 +131,6 @@ def _evaluate(model, tok, tasks, table, prefill, limit, num_fewshot, batch_size,
     from .tasks import is_offline, task_manager, task_specs
 
     offline = is_offline() if offline is None else offline
-    if prefill == "last_half" and table is not None and batch_size != 1:
-        batch_size = 1  # padded rows would shift "the last half": one request per forward
     lm = wrap(model, tok, batch_size=batch_size)
     tm = task_manager(offline)
     gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": int(max_gen_toks)}
@@ -141,7 +141,7 @@ def _evaluate(model, tok, tasks, table, prefill, limit, num_fewshot, batch_size,
         out["note"] = "prefill 'none': prompts are dense; only decoded tokens (generation tasks) are sparse"
     for name, spec in zip(tasks, task_specs(list(tasks), offline)):
         ctx = sparsify(model, table, prefill=prefill) if table is not None else nullcontext()
-        with ctx as sp:
+        with ctx as sp, (_row_lengths(sp, lm) if sp is not None and prefill == "last_half" else nullcontext()):
             cpu0, wall0 = time.process_time(), time.perf_counter()
             picked = None
             if docs is not None:
@@ -177,6 +177,41 @@ def _evaluate(model, tok, tasks, table, prefill, limit, num_fewshot, batch_size,
                 entry["time_is_group_total"] = name
             out["tasks"][tname] = entry
     return out
+
+
+@contextlib.contextmanager
+def _row_lengths(sp, lm):
+    """Per-row `last_half` in the harness's batches: log-likelihood batches are right-padded by
+    `pad_and_concat`, which sees each request's true length; hand those lengths to the sparsified
+    model. Generation (left-padded prompts) runs one request at a time. Any other batched forward
+    raises (strict) instead of sparsifying the wrong positions."""
+    import lm_eval.models.huggingface as hf
+
+    original = hf.pad_and_concat
+
+    def pad_and_concat(max_length, tensors, padding_side="right"):
+        lengths = [t.shape[-1] for t in tensors]  # before the call: it pads `tensors` in place
+        out = original(max_length, tensors, padding_side=padding_side)
+        if padding_side == "right":
+            sp.set_row_lengths(lengths, out.shape[-1])
+        return out
+
+    def generate_until(requests, *args, **kwargs):
+        saved = lm.batch_size_per_gpu
+        lm.batch_size_per_gpu = 1
+        try:
+            return type(lm).generate_until(lm, requests, *args, **kwargs)
+        finally:
+            lm.batch_size_per_gpu = saved
+
+    sp.set_row_lengths(None, strict=True)
+    hf.pad_and_concat, lm.generate_until = pad_and_concat, generate_until
+    try:
+        yield
+    finally:
+        hf.pad_and_concat = original
+        del lm.generate_until
+        sp.set_row_lengths(None, strict=False)
 
 
 def loglikelihoods(result: dict, task: str) -> list[list[float]]:

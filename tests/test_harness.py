@@ -202,11 +202,19 @@ def test_bridge_protocols(smollm, dense_piqa):
 
     model, tok = smollm
     table = _table(0.05, model)
-    half = evaluate_tasks(model, tok, ["piqa"], table=table, prefill="last_half", limit=3, log_samples=True,
-                          batch_size=4)
+    half = evaluate_tasks(model, tok, ["piqa"], table=table, prefill="last_half", limit=3, log_samples=True)
     assert half["batch_size"] == 1 and half["prefill"] == "last_half"
     assert half["tasks"]["piqa"]["realized_sparsity"]["all"] > 0
     assert loglikelihoods(half, "piqa") != loglikelihoods(dense_piqa, "piqa")
+    # batched: the harness right-pads requests of different lengths; each row is sparse over its own
+    # last half, so the same entries are sparsified and the scores match one request at a time
+    batched = evaluate_tasks(model, tok, ["piqa"], table=table, prefill="last_half", limit=3, log_samples=True,
+                             batch_size=4)
+    assert batched["batch_size"] == 4
+    assert (batched["tasks"]["piqa"]["realized_sparsity"]["entries_seen"]
+            == half["tasks"]["piqa"]["realized_sparsity"]["entries_seen"])
+    for got, want in zip(loglikelihoods(batched, "piqa"), loglikelihoods(half, "piqa")):
+        assert got == pytest.approx(want, abs=1e-3)
     none = evaluate_tasks(model, tok, ["piqa"], table=table, prefill="none", limit=3, log_samples=True)
     assert loglikelihoods(none, "piqa") == loglikelihoods(dense_piqa, "piqa")
     assert none["tasks"]["piqa"]["warning"] == NOT_SPARSE_WARNING and not none["tasks"]["piqa"]["sparse"]

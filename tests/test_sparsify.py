@@ -137,3 +137,27 @@ def test_nan_inputs_propagate_instead_of_being_masked():
                                 torch.zeros(7, 2, dtype=torch.long))
     y = wrapped(torch.tensor([[float("nan"), 0.1, 2.0, -3.0]]))
     assert torch.isnan(y).all()
+
+
+def test_padded_batch_rows_are_sparse_over_their_own_last_half():
+    """Right-padded rows of different lengths, with their lengths registered, give each row's
+    single-request logits; a batch without registered lengths is refused in strict mode."""
+    model = tiny("llama")
+    t = random_thresholds(model)
+    lengths = [24, 15, 7]
+    batch = IDS[:1].repeat(3, 1).clone()
+    for r, n in enumerate(lengths):
+        batch[r, n:] = 0  # padding
+    with torch.no_grad(), sparsify(model, t, prefill="last_half") as sp:
+        singles = [model(IDS[:1, :n], use_cache=False).logits[0] for n in lengths]
+        seen_single = sp.stats[..., 1].sum().item()
+        sp.reset_stats()
+        sp.set_row_lengths(lengths, batch.shape[1])
+        got = model(batch, use_cache=False).logits
+        assert sp.stats[..., 1].sum().item() == seen_single  # the same entries were sparse
+        for r, n in enumerate(lengths):
+            torch.testing.assert_close(got[r, :n], singles[r], rtol=1e-5, atol=1e-5)
+        sp.set_row_lengths(None, strict=True)
+        with pytest.raises(RuntimeError, match="row lengths"):
+            model(batch, use_cache=False)
+        model(batch[:1], use_cache=False)  # one row: its own last half, no lengths needed

@@ -30,7 +30,8 @@ def add_arguments(p) -> None:
                         "tasks are prefill-only, so with `none` nothing is sparse")
     p.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="harness batch size (forced to 1 for sparse last_half: padding would move the half)")
+                   help="harness batch size (sparse last_half: each padded row is sparsified over its own last "
+                        "half; generation runs one request at a time)")
     p.add_argument("--max-gen-toks", type=int, default=None, help="generation tasks: cap on new tokens")
     p.add_argument("--ppl-samples", type=int, default=0,
                    help="also WikiText-2 perplexity on this many samples (the preset's protocol); 0 = skip")
