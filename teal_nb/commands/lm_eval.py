@@ -91,6 +91,8 @@ def run(args) -> int:
         record["hf_id"] = get_preset(args.model).hf_id
     except KeyError:
         pass
+    if table is not None and args.allocation != "uniform":
+        record["allocation_file"] = _allocation_provenance(model, args.allocation)
     if table is not None:
         record["thresholds"] = {"meta": table.meta,
                                 "mean_target_sparsity_per_site": dict(zip(
@@ -185,6 +187,28 @@ def _merge(entries: list[dict]) -> dict:
                chunks=len(entries))
     if any("warning" in e for e in entries):
         out["warning"] = entries[0].get("warning")
+    return out
+
+
+def _allocation_provenance(model, allocation: str) -> dict:
+    """Which saved allocation a greedy/global run used: path, sha256 of its files, last commit."""
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    from ..greedy import find_allocation
+
+    path = Path(allocation.partition(":")[2] or (allocation if allocation not in ("greedy", "global")
+                                                 else find_allocation(model)))
+    out = {"path": str(path)}
+    for f in (path, path.with_suffix(".json")):
+        if f.exists():
+            out[f"sha256_{f.suffix[1:]}"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    try:
+        out["git_commit"] = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(path)], cwd=path.parent,
+                                           capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
     return out
 
 
