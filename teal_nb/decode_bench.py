@@ -172,6 +172,63 @@ def choose_attention_config(dec, log=print) -> dict:
     return {"us_per_layer": out, "positions": positions, "chosen": best}
 
 
+def _persistent_choices(max_numel: int = 8192):
+    """Inductor heuristics that make every reduction of at most `max_numel` elements persistent
+    (one pass, the row in registers). Inductor's default keeps single-row reductions over more
+    than 1024 elements (the RMSNorms over 4096) as a loop that reads the row twice."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class PersistentSmallReductions(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(*args, **kwargs):
+            features = args[0] if args else kwargs.get("features")
+            try:
+                if V.graph.sizevars.statically_known_leq(features.reduction_numel, max_numel):
+                    return True
+            except Exception:  # noqa: BLE001 - fall back to inductor's own rule
+                pass
+            return InductorChoices.should_use_persistent_reduction(*args, **kwargs)
+
+    return PersistentSmallReductions()
+
+
+def choose_reductions(dec, log=print) -> dict:
+    """Time the step's residual add + RMSNorm compiled by inductor with its default reduction
+    heuristics and with persistent small reductions (CUDA graph, 64 calls); if the persistent
+    one wins by more than 3%, keep those heuristics for every compile that follows in this
+    process (the decode steps' norms and argmax)."""
+    import torch._inductor.config as ic
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    from .decode import rms_norm
+    from .kernels.bench import graph_us
+
+    hidden, eps = dec.cfg.hidden, dec.cfg.norm_eps
+    hs = [torch.randn(1, 1, hidden, device=dec.device, dtype=dec.dtype) for _ in range(8)]
+    ds = [torch.randn(1, 1, hidden, device=dec.device, dtype=dec.dtype) for _ in range(8)]
+    w = dec.layers[0].attn_norm
+    out = {}
+    for style in ("default", "persistent"):
+        # A new code object per style: dynamo caches compiled frames per code object.
+        fn = eval("lambda h, d, w: rms_norm(h + d, w, eps)", {"rms_norm": rms_norm, "eps": eps})  # noqa: S307
+        handler = _persistent_choices() if style == "persistent" else InductorChoices()
+        try:
+            with V.set_choices_handler(handler), ic.patch(fx_graph_cache=False):
+                f = torch.compile(fn, fullgraph=True)
+                f(hs[0], ds[0], w)
+            out[style] = graph_us([lambda i=i: f(hs[i], ds[i], w) for i in range(8)], 64, 10)
+        except Exception as e:  # noqa: BLE001
+            log(f"reductions {style}: {type(e).__name__}: {e}")
+    chosen = "default"
+    if "persistent" in out and "default" in out and out["persistent"] < 0.97 * out["default"]:
+        V.set_choices_handler(_persistent_choices())  # stays set: every later compile uses it
+        chosen = "persistent"
+    log("add + RMSNorm (us per call): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + f" -> {chosen}")
+    return {"us_per_call": out, "chosen": chosen}
+
+
 def choose_dense_layout(dec, log=print) -> dict:
     """Per projection, time cuBLAS reading W [N, K] (F.linear) and W^T [K, N] (x @ W^T, the
     Triton layout made by prepare_triton) over all layers' weights in a CUDA graph; keep the
@@ -279,6 +336,8 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
             if dec.attention != "torch":
                 result.setdefault("attention_config", {})[dtype] = choose_attention_config(dec, log)
             fused = check_fused_attention(dec, log)
+            if compile_mode and "reductions" not in result:  # once per process: it sets inductor's heuristics
+                result["reductions"] = choose_reductions(dec, log)
             result["protocol"].setdefault("attention", {})[dtype] = (
                 "fused Triton kernel (teal_nb.decode_attention: RoPE, cache write, attention)" if fused
                 else "torch (matmuls + softmax)")
