@@ -172,6 +172,35 @@ def choose_attention_config(dec, log=print) -> dict:
     return {"us_per_layer": out, "positions": positions, "chosen": best}
 
 
+def check_sparse_kernels(dec, log=print, sparsity: float = 0.5) -> dict:
+    """The sparse kernels on the decoder's own weights (first and last layer, four projections,
+    each called twice: the split-K scratch must come back clean) against the pure-torch
+    reference, at thresholds that zero `sparsity` of a random input. Max relative error."""
+    from .decode import PROJ_SITES
+    from .kernels import sparse_gemv, sparse_gemv_reference
+
+    dec.prepare_triton()
+    errs = {}
+    g = torch.Generator(device=dec.device).manual_seed(2)
+    for li in sorted({0, dec.cfg.n_layers - 1}):
+        blk = dec.layers[li]
+        for proj, cols in PROJ_SITES.items():
+            n, k = dec.cfg.proj_shape(proj)
+            x = torch.randn(1, 1, k, device=dec.device, generator=g).to(dec.dtype)
+            t = torch.full((len(cols),), float(x.float().abs().quantile(sparsity)), device=dec.device)
+            wt = getattr(blk, f"{proj}_t")
+            splits = dec._splits(proj)
+            ref = sparse_gemv_reference(x, wt, t, splits).float()
+            worst = 0.0
+            for _ in range(2):
+                y = sparse_gemv(x, wt, t, splits).float()
+                worst = max(worst, float((y - ref).norm() / ref.norm()))
+            errs[f"{li}:{proj}"] = worst
+    out = {"max_rel_err": max(errs.values()), "per_projection": errs}
+    log(f"sparse kernels vs reference on the model's weights: max rel. error {out['max_rel_err']:.1e}")
+    return out
+
+
 def _persistent_choices(max_numel: int = 8192):
     """Inductor heuristics that make every reduction of at most `max_numel` elements persistent
     (one pass, the row in registers). Inductor's default keeps single-row reductions over more
@@ -388,6 +417,9 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
                 configs.append(("nonuniform", s, nonuniform_allocation(dec.cfg, s)))
         configs.append(("uniform", 0.0, None))  # the sparse path with nothing skipped
         first_sparse, sparse_ok = True, False
+        if backend == "triton":
+            result.setdefault("kernel_check", {})[dtype] = check_sparse_kernels(dec, log)
+            save()
         for allocation, s, alloc in configs:
             need = 60 if first_sparse else 25
             if left() < need:
