@@ -102,13 +102,14 @@ def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None):
 # ----------------------------------------------------------------------------- kernel
 
 class Config(NamedTuple):
-    """A launch configuration (`tuning.py` holds one per shape; tuples of 6-8 ints also work).
+    """A launch configuration (`tuning.py` holds one per shape as a plain tuple of its first fields).
 
     slice = 0 selects the masked kernel, with about `progs_per_sm` programs per SM; slice > 0 the
     compacting kernel, each program owning `slice` input channels (slice >= K: one program per
     output block owns all of K, so no split-K reduction at all); `depth` (1 or 2) W tiles are in
     flight ahead of the multiply-add in its loop. `pdl` = 1 launches with Hopper's programmatic
-    dependent launch (the next launch's programs are scheduled while this one finishes).
+    dependent launch (the next launch's programs are scheduled while this one finishes); it
+    gained 1-5% on the H200 but is not used until re-checked (kernels/README.md, sweeps 5-6).
     """
     block_n: int
     block_k: int
