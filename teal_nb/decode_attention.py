@@ -209,7 +209,7 @@ if HAVE_TRITON:
 # registers: 256 x 16 spilled 7 KB per thread (ptxas -v, sm_90a), 128 x 8 and 256 x 8 less.
 # A third entry 1 selects the split (flash-decoding) kernel: one program per (head, BLOCK_S rows).
 CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {}
-CANDIDATES = ((32, 4), (64, 4), (64, 8), (128, 8), (256, 16), (32, 4, 1), (64, 4, 1), (16, 4, 1))
+CANDIDATES = ((64, 4), (64, 8), (128, 8), (16, 4, 1), (32, 4, 1), (64, 4, 1))
 
 
 def launch_config(head_dim: int, s_max: int) -> tuple[int, int, int]:

@@ -345,7 +345,7 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
     result["copy_GBps"] = copy_gbps
     log(f"copy rate {copy_gbps:.0f} GB/s (read + write)")
     for dtype in dtypes:
-        if left() < 100:
+        if left() < 80:
             result["skipped"].append(f"{dtype}: time budget")
             log(f"skip {dtype}: {left():.0f} s left")
             continue

@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
                    help="dense projections always through F.linear (default: per projection, W or W^T, "
                         "whichever cuBLAS reads faster in a timing at the start of the run)")
     p.add_argument("--calib-iters", type=int, default=4, help="sparse calibration passes at most (default 4)")
+    p.add_argument("--calib-tol", type=float, default=0.01,
+                   help="stop calibrating once every (layer, site) is within this of its target (default 0.01)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="skip what would not finish within this many seconds (default 540)")
     p.add_argument("--out", default="kernels/results/h200/decode.json", help="JSON output ('' for none)")
@@ -50,7 +52,7 @@ def run(args) -> int:
     res = run_bench(args.preset, tuple(d for d in args.dtypes.split(",") if d), args.sparsities,
                     args.nonuniform_at, args.runs, args.warmup, args.new_tokens, args.prompt_len,
                     args.backend, device, None if args.no_compile else "reduce-overhead", args.n_layers,
-                    calib_iters=args.calib_iters, calib_prompt=args.calib_prompt, budget_s=args.budget_s,
+                    calib_iters=args.calib_iters, calib_tol=args.calib_tol, calib_prompt=args.calib_prompt, budget_s=args.budget_s,
                     dense_layout=not args.no_dense_layout,
                     sparsities_by_dtype={"float16": args.sparsities_float16} if args.sparsities_float16 else None, out=args.out or None, command=" ".join(sys.argv))
     print(format_table(res["records"]))
