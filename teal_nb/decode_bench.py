@@ -378,7 +378,21 @@ def run_bench(preset: str = "llama-3-8b", dtypes=("bfloat16", "float16"), sparsi
         dec.compile(compile_mode if cuda else None)
         t0 = time.perf_counter()
         try:
-            dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup)
+            try:
+                dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup)
+            except Exception as e:
+                if result.get("reductions", {}).get("chosen") != "persistent":
+                    raise
+                # The run's own choice of inductor heuristics broke the compile: back to the default.
+                from torch._inductor.choices import InductorChoices
+                from torch._inductor.virtualized import V
+
+                log(f"ERROR dense compiled with persistent reductions ({type(e).__name__}: {e}): default heuristics")
+                result.setdefault("errors", []).append(f"{dtype} dense, persistent reductions: {type(e).__name__}: {e}")
+                V.set_choices_handler(InductorChoices())
+                result["reductions"]["chosen"] = "default (persistent failed to compile)"
+                dec.compile(compile_mode)
+                dense_ids, timings = _timed_runs(dec, prompt, new_tokens, runs, warmup)
         except Exception as e:  # compile failed: measure eagerly rather than nothing
             import traceback
 
