@@ -60,6 +60,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 # Triton's CPU interpreter must be chosen before the kernel is defined (i.e. at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# A gpu-scope fence in every thread before the split-K arrival counter (threadFenceReduction's
+# pattern). The barrier before the one-thread acq_rel increment already orders the CTA's partial
+# sums (PTX release is cumulative over barrier-synchronized writes); the fence costs ~1 us per
+# launch. TEAL_GEMV_FENCE=0 drops it (measured in kernels/README.md).
+GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "1") == "1"
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -432,7 +437,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
     pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
-                  HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda,
+                  HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     bias_arg = bias if bias is not None else y
     grid_n = triton.cdiv(N, cfg.block_n)
