@@ -84,6 +84,15 @@ class Allocation:
         w = torch.tensor([self.params[s] for s in SITES], dtype=torch.float64)
         return (sparsities.double() * w).sum(-1) / w.sum()
 
+    def paths_sha256(self) -> str:
+        """A hash of the paths alone (not the metadata): what results made with it can cite."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.sparsity.float(), self.error.double(), self.uniform_error.double(), self.effective.double()):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | Path) -> None:
