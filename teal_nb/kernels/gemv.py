@@ -60,11 +60,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 # Triton's CPU interpreter must be chosen before the kernel is defined (i.e. at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# A gpu-scope fence in every thread before the split-K arrival counter (threadFenceReduction's
-# pattern). The barrier before the one-thread acq_rel increment already orders the CTA's partial
-# sums (PTX release is cumulative over barrier-synchronized writes); the fence costs ~1 us per
-# launch. TEAL_GEMV_FENCE=0 drops it (measured in kernels/README.md).
-GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "1") == "1"
+# No gpu-scope fence in every thread before the split-K arrival counter (threadFenceReduction's
+# pattern): the barrier before the one-thread acq_rel increment already orders the program's
+# partial sums (a PTX release is cumulative over barrier-synchronized writes), and the fence cost
+# ~2 us per layer (kernels/README.md, item 10). TEAL_GEMV_FENCE=1 puts it back.
+GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
