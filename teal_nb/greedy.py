@@ -45,7 +45,8 @@ Choices, with TEAL's beside ours (`GreedyConfig`, `TEAL_DEFAULTS`):
 
 Work: the layer's inputs are recorded in one dense forward; each layer's path is saved as soon as
 it is complete, and a killed run resumes from the saved layers. Candidates reuse every stage
-upstream of the site they change (`teal_nb.block.BlockRunner`).
+upstream of the site they change (`teal_nb.block.BlockRunner`), or, when cheaper, the previous
+row's candidate of the same site (`greedy_layer`): the paths are the same bit for bit.
 """
 from __future__ import annotations
 
