@@ -77,6 +77,26 @@ def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: in
 if HAVE_TRITON:
 
     @triton.jit
+    def _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE: tl.constexpr,
+                 KV_SIZE: tl.constexpr, D: tl.constexpr, dt: tl.constexpr):
+        """Query head j and key/value head h of the new token, RoPE applied at `pos`: q in fp32
+        (rounded to dt first, as the eager model's q is), k and v in dt (the cache's dtype)."""
+        HALF: tl.constexpr = D // 2
+        lo = d < HALF
+        rd = tl.where(lo, d + HALF, d - HALF)       # rotate_half: [-x2, x1]
+        sgn = tl.where(lo, -1.0, 1.0)
+        qb = qkv_ptr + j * D
+        kb = qkv_ptr + Q_SIZE + h * D
+        q0, q1 = tl.load(qb + d).to(tl.float32), tl.load(qb + rd).to(tl.float32)
+        k0, k1 = tl.load(kb + d).to(tl.float32), tl.load(kb + rd).to(tl.float32)
+        v = tl.load(qkv_ptr + Q_SIZE + KV_SIZE + h * D + d).to(dt)
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        q = (q0 * cos + sgn * q1 * sin).to(dt).to(tl.float32)
+        k = (k0 * cos + sgn * k1 * sin).to(dt)
+        return q, k, v
+
+    @triton.jit
     def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr,
                                  stride_kh, stride_ks, stride_vh, stride_vs, scale,
                                  Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
@@ -94,20 +114,8 @@ if HAVE_TRITON:
         kt = tl.load(k_base + s[:, None] * stride_ks)
         vt = tl.load(v_base + s[:, None] * stride_vs)
         pos = tl.load(pos_ptr)
-        HALF: tl.constexpr = D // 2
-        lo = d < HALF
-        rd = tl.where(lo, d + HALF, d - HALF)       # rotate_half: [-x2, x1]
-        sgn = tl.where(lo, -1.0, 1.0)
         dt = y_ptr.dtype.element_ty
-        qb = qkv_ptr + j * D
-        kb = qkv_ptr + Q_SIZE + h * D
-        q0, q1 = tl.load(qb + d).to(tl.float32), tl.load(qb + rd).to(tl.float32)
-        k0, k1 = tl.load(kb + d).to(tl.float32), tl.load(kb + rd).to(tl.float32)
-        v = tl.load(qkv_ptr + Q_SIZE + KV_SIZE + h * D + d).to(dt)
-        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-        q = (q0 * cos + sgn * q1 * sin).to(dt).to(tl.float32)
-        k = (k0 * cos + sgn * k1 * sin).to(dt)
+        q, k, v = _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE, KV_SIZE, D, dt)
         if j % G == 0:  # one writer per key/value head; no program reads row pos of the cache
             tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
             tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)
@@ -156,20 +164,8 @@ if HAVE_TRITON:
         pos = tl.load(pos_ptr)
         n_active = tl.maximum((pos + BLOCK_S - 1) // BLOCK_S, 1)  # chunks holding rows < pos (>= 1)
         if c < n_active:
-            HALF: tl.constexpr = D // 2
-            lo = d < HALF
-            rd = tl.where(lo, d + HALF, d - HALF)
-            sgn = tl.where(lo, -1.0, 1.0)
             dt = y_ptr.dtype.element_ty
-            qb = qkv_ptr + j * D
-            kb = qkv_ptr + Q_SIZE + h * D
-            q0, q1 = tl.load(qb + d).to(tl.float32), tl.load(qb + rd).to(tl.float32)
-            k0, k1 = tl.load(kb + d).to(tl.float32), tl.load(kb + rd).to(tl.float32)
-            v = tl.load(qkv_ptr + Q_SIZE + KV_SIZE + h * D + d).to(dt)
-            cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-            q = (q0 * cos + sgn * q1 * sin).to(dt).to(tl.float32)
-            k = (k0 * cos + sgn * k1 * sin).to(dt)
+            q, k, v = _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE, KV_SIZE, D, dt)
             if (j % G == 0) & (c == 0):
                 tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
                 tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)
