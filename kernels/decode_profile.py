@@ -75,29 +75,6 @@ def profile_kernels(fn, steps: int) -> dict:
             "kernel_us_per_step": sum(per.values()), "top_kernels_us_per_step": {k: v / steps for k, v in top}}
 
 
-def graph_time_us(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
@@ -121,7 +98,7 @@ def main():
     from teal_nb.decode import Decoder, weight_bytes_per_token
     from teal_nb.decode_calibrate import calibrate_decode
     from teal_nb.kernels import sparse_gemv
-    from teal_nb.kernels.bench import copy_rate_gbps
+    from teal_nb.kernels.bench import copy_rate_gbps, graph_us
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}, "floors": {}}
 
@@ -165,7 +142,7 @@ def main():
 
     for name, fn in (("dense_gemvs", dense_gemvs), ("sparse50_gemvs", sparse_gemvs), ("lm_head", lm_head)):
         try:
-            us = graph_time_us(fn)
+            us = graph_us([fn], n_calls=1, reps=20)
         except Exception as e:
             res.setdefault("errors", []).append(f"floor {name}: {type(e).__name__}: {e}")
             print("ERROR floor", name, e, flush=True)
