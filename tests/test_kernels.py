@@ -222,8 +222,21 @@ def test_cuda_graph_capture_and_determinism():
             g.replay()
             torch.cuda.synchronize()
             assert rel_err(yg, ref) < TOL[dtype]
-        for red, slice_, st in ((0, 0, 1), (1, 0, 1), (0, 512, 1), (1, 256, 2), (0, 4096, 2), (1, 512, 2)):
-            outs = [_launch(x, wt, thr, (N,), None, (128, 32, 4, 4, red, slice_, st)) for _ in range(20)]
+        # A graph of back-to-back PDL launches (programmatic edges between the kernel nodes).
+        cfg = (512, 16, 4, 0, 0, 128, 1, 1)
+        _launch(x, wt, thr, (N,), None, cfg)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ys = [_launch(x, wt, thr, (N,), None, cfg) for _ in range(8)]
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            assert max(rel_err(yi, ref) for yi in ys) < TOL[dtype]
+        for red, slice_, st, pdl in ((0, 0, 1, 0), (1, 0, 1, 0), (0, 512, 1, 0), (1, 256, 2, 0),
+                                     (0, 4096, 2, 0), (1, 512, 2, 0), (0, 512, 1, 1), (0, 0, 1, 1)):
+            outs = [_launch(x, wt, thr, (N,), None, (128, 32, 4, 4, red, slice_, st, pdl))
+                    for _ in range(20)]
             for o in outs:
                 assert rel_err(o, ref) < TOL[dtype]
             if red == 1:  # fixed summation order: bitwise reproducible
@@ -245,7 +258,9 @@ def test_split_k_reduction_has_no_race():
         ref = ref32(x, wt, thr, splits)
         for cfg in [(1024, 8, 4, 0, 0, 456, 1), (1024, 8, 4, 0, 0, 512, 1), (1024, 8, 4, 0, 0, 224, 1),
                     (1024, 8, 8, 0, 0, 456, 2), (512, 16, 4, 0, 0, 128, 1), (64, 64, 4, 4, 0, 0),
-                    (1024, 8, 4, 0, 1, 512, 1)]:
+                    (1024, 8, 4, 0, 1, 512, 1),
+                    # with programmatic dependent launch: call i+1 starts while call i finishes
+                    (1024, 8, 4, 0, 0, 456, 1, 1), (512, 16, 4, 0, 0, 128, 1, 1), (64, 64, 4, 4, 0, 0, 0, 1)]:
             outs = [_launch(x, wt, thr, splits, None, cfg) for _ in range(40)]
             errs = [rel_err(o, ref) for o in outs]
             assert max(errs) < TOL[torch.bfloat16], (s, cfg, max(errs))

@@ -12,6 +12,8 @@ def add_arguments(p):
     p.add_argument("--sparsities", nargs="*", type=float, default=None)
     p.add_argument("--n-calls", type=int, default=200, help="calls per CUDA graph")
     p.add_argument("--reps", type=int, default=10, help="graph replays (median)")
+    p.add_argument("--no-chain", dest="chain", action="store_false",
+                   help="skip the whole-layer chain (four fused projections back to back per graph)")
     p.add_argument("--tune-table", default=None,
                    help="JSON from kernels/tune_gemv.py whose 'best' configs override the package table")
 
@@ -41,6 +43,9 @@ def run(args):
     prov["configs"] = {f"{n}x{k}": list(tuning.config_for(n, k))
                        for n, k, _ in (bench.SHAPES[s] for s in shapes)}
     result = dict(provenance=prov, records=records, layer=bench.layer_summary(records))
+    if args.chain and not args.shapes:
+        result["layer_chain"] = bench.layer_chain(tuple(d for d in args.dtypes if d != "fp32"),
+                                                  n_calls=args.n_calls * 2, reps=args.reps)
     out = args.out
     if out is None:
         gpu = torch.cuda.get_device_name().lower()
@@ -54,5 +59,8 @@ def run(args):
         print(f"layer {row['dtype']} s={row['sparsity']:<5} ideal {row['ideal']:5.2f}  "
               f"unfused {row.get('speedup_unfused', float('nan')):5.2f}x  "
               f"fused {row.get('speedup_fused', float('nan')):5.2f}x")
+    for row in result.get("layer_chain", []):
+        print(f"layer chain {row['dtype']} s={row['sparsity']:<5} dense {row['dense_us']:6.1f} us  "
+              f"sparse {row['sparse_us']:6.1f} us  {row['speedup']:5.2f}x")
     print(bench.table(records))
     return 0

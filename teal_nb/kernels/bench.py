@@ -203,6 +203,37 @@ def layer_summary(records):
     return out
 
 
+FUSED_LAYER = ("qkv_fused", "q|o", "gate_up_fused", "down")
+
+
+def layer_chain(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 0.65), n_calls=400, reps=10):
+    """A whole Llama-3-8B layer timed as the decoder runs it: its four fused projections back to
+    back in one CUDA graph (qkv, o, gate_up, down, then the next layer's qkv, ...), each from its
+    own rotating weight copies, so every kernel follows a different one (the per-shape figures
+    follow the same kernel, which flatters launch overlap such as PDL). Dense: cuBLAS in the
+    same chain. One record per (dtype, s), microseconds per layer."""
+    F = torch.nn.functional.linear
+    out = []
+    for dt in dtypes:
+        sbs = [ShapeBench(*SHAPES[n], DTYPES[dt]) for n in FUSED_LAYER]
+        copies = max(len(sb.w) for sb in sbs)
+        order = [(i, sb) for i in range(copies) for sb in sbs]
+        dense = graph_us([lambda i=i, sb=sb: F(sb.x, sb.w[i % len(sb.w)]) for i, sb in order],
+                         n_calls=n_calls, reps=reps) * len(sbs)
+        for s in sparsities:
+            from .gemv import sparse_gemv
+
+            thr = {id(sb): sb.thresholds(s) for sb in sbs}
+            sparse = graph_us([lambda i=i, sb=sb: sparse_gemv(sb.x, sb.wt[i % len(sb.wt)], thr[id(sb)],
+                                                              sb.splits) for i, sb in order],
+                              n_calls=n_calls, reps=reps) * len(sbs)
+            out.append(dict(dtype=dt, sparsity=s, ideal=round(1 / (1 - s), 4), dense_us=round(dense, 2),
+                            sparse_us=round(sparse, 2), speedup=round(dense / sparse, 4)))
+        del sbs
+        torch.cuda.empty_cache()
+    return out
+
+
 def provenance(command: str) -> dict:
     import datetime
     import os
