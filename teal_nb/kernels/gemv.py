@@ -22,7 +22,8 @@ Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by m
   sum, then loops over kept rows only, BLOCK_K gathered rows at a time, DEPTH (1-2) tiles in
   flight, pipelined by hand in registers; the trip count falls with sparsity. Optionally the
   list is built once per launch by `_kept_list_kernel` (PRODUCER; measured slower) and either
-  kernel can use programmatic dependent launch (PDL; not used, see kernels/README.md).
+  kernel can use programmatic dependent launch (PDL, chosen for every Llama-3-8B shape since
+  sweep 8: kernels/README.md, item 11).
 * Products are summed in fp32.
 * The partial sums of the K slices of one output block are combined without a second launch:
   REDUCE=0 adds them with fp32 atomics into a scratch vector; REDUCE=1 stores them into a
@@ -113,8 +114,8 @@ class Config(NamedTuple):
     compacting kernel, each program owning `slice` input channels (slice >= K: one program per
     output block owns all of K, so no split-K reduction at all); `depth` (1 or 2) W tiles are in
     flight ahead of the multiply-add in its loop. `pdl` = 1 launches with Hopper's programmatic
-    dependent launch (the next launch's programs are scheduled while this one finishes); it
-    gained 1-5% on the H200 but is not used until re-checked (kernels/README.md, sweeps 5-6).
+    dependent launch (the next launch's programs are scheduled while this one finishes; Hopper
+    and newer, ignored elsewhere): 2-12% faster per shape on the H200 (kernels/README.md, item 11).
     """
     block_n: int
     block_k: int
@@ -396,6 +397,15 @@ def _fit_block_n(block_n: int, block_k: int, splits) -> tuple[int, int]:
 
 
 _SM_COUNT: dict = {}
+_CAPABILITY: dict = {}
+
+
+def _capability(device: torch.device) -> int:
+    """Major compute capability: PDL (griddepcontrol) needs 9 (Hopper) or newer; on an A100 a
+    PDL config runs as a plain launch."""
+    if device.index not in _CAPABILITY:
+        _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)[0]
+    return _CAPABILITY[device.index]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -435,7 +445,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         raise ValueError("at most 3 segments per fused launch")
     b1 = bounds[0] if len(bounds) >= 1 else N
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
-    pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda
+    pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda and _capability(x1.device) >= 9
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
                   HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))

@@ -2,7 +2,7 @@
 
 A config is a `gemv.Config` (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, DEPTH,
 PDL, SCAN, PRODUCER]); SLICE = 0 selects the masked kernel, SLICE > 0 the compacting one, each
-program owning SLICE input channels. The Llama-3-8B configs were chosen by sweep 7
+program owning SLICE input channels. The Llama-3-8B configs were chosen by sweep 8
 (kernels/results/h200/gemv_tune.json, `kernels/tune_gemv.py` on one NVIDIA H200): for each shape
 the config with the lowest weighted sum over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5)
 of time / best time. The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
@@ -14,12 +14,14 @@ from __future__ import annotations
 TABLE: dict[tuple[int, ...], tuple[int, ...]] = {
     # Wide output blocks (512-1024 columns: 1-2 KB of each kept row per program) and short K
     # slices, sized so that the grid fills the 132 SMs about evenly (kernels/README.md).
-    (6144, 4096): (512, 16, 4, 0, 0, 192, 1),  # qkv_fused: 12 x 22 programs
-    (4096, 4096): (512, 16, 4, 0, 0, 128, 1),  # q|o: 8 x 32
-    (1024, 4096): (64, 64, 4, 4, 0, 0),  # k|v: masked, 16 x 32
-    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1),  # gate_up_fused: 28 x 9
-    (14336, 4096): (512, 16, 4, 0, 0, 456, 1),  # gate|up: 28 x 9
-    (4096, 14336): (1024, 8, 4, 0, 0, 224, 1),  # down: 4 x 64
+    # PDL (last field) since sweep 8: each launch is scheduled while the one before finishes
+    # (Hopper and newer; elsewhere the flag is ignored).
+    (6144, 4096): (512, 16, 4, 0, 0, 192, 1, 1),  # qkv_fused: 12 x 22 programs
+    (4096, 4096): (512, 16, 4, 0, 0, 128, 1, 1),  # q|o: 8 x 32
+    (1024, 4096): (128, 32, 4, 0, 0, 128, 1, 1),  # k|v: 8 x 32
+    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1, 1),  # gate_up_fused: 28 x 9
+    (14336, 4096): (512, 16, 4, 0, 0, 456, 1, 1),  # gate|up: 28 x 9
+    (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1),  # down: 4 x 64
     (960, 576): (64, 32, 4, 8, 0, 0),  # smol_qkv_fused
     (576, 576): (64, 32, 4, 2, 0, 0),  # smol_q|o
     (192, 576): (64, 32, 4, 4, 0, 0),  # smol_k|v
