@@ -28,31 +28,33 @@ def compact(bn, bk, warps, slice_, depth=2, pdl=0):
     return (bn, bk, warps, 0, 0, slice_, depth, pdl)
 
 
-# Sweep 8: the four best configs of sweep 7 per shape (kernels/results/h200/gemv_tune.json) and a
-# few with more, shorter K slices for the small shapes, each with and without programmatic
-# dependent launch (PDL). PDL was excluded from sweeps 6-7 because of a wrong result that
-# turned out to be the layout race of item 9 (kernels/README.md), not PDL.
-SWEEP8 = {
-    "qkv_fused": [(512, 16, 4, 192, 1), (1024, 8, 8, 96, 1), (512, 16, 4, 256, 1), (128, 32, 4, 512, 1),
-                  (512, 16, 4, 128, 1), (512, 16, 4, 160, 1)],
-    "q|o": [(512, 16, 4, 128, 1), (1024, 8, 8, 64, 1), (512, 8, 4, 128, 1), (512, 16, 4, 96, 1),
-            (256, 32, 4, 128, 1)],
-    "k|v": [(128, 32, 4, 128, 1), (128, 32, 4, 256, 2), (128, 32, 4, 96, 1), (256, 16, 4, 64, 1)],
-    "gate_up_fused": [(1024, 8, 4, 456, 1), (1024, 8, 8, 456, 2), (512, 16, 4, 1024, 1), (1024, 8, 4, 296, 1)],
-    "gate|up": [(512, 16, 4, 456, 1), (512, 16, 4, 512, 1), (1024, 8, 8, 256, 2), (1024, 8, 4, 456, 1)],
-    "down": [(1024, 8, 4, 224, 1), (512, 16, 4, 440, 1), (1024, 8, 8, 224, 2), (1024, 8, 8, 256, 2)],
+# Sweep 8 (each of sweep 7's best configs with and without PDL, gemv_tune_v8.json) chose PDL for
+# every shape.
+# Sweep 9: SUM_ROWS (the tile's rows summed as they arrive into a 1-D accumulator, chosen by the
+# launcher when each thread holds whole columns: BLOCK_N >= 256 x warps in 16-bit dtypes) needs
+# 104 registers for an 8 x 1024 tile on 4 warps where sweep 8's kernel needed 167, so 4 programs
+# fit per SM instead of 3, or 2 tiles in flight at 3 per SM. Grids of about 2, 3 and 4 programs
+# per SM for (1024 columns, 4 warps), (512, 2 warps) and (256, 1 warp) tiles of 8 rows, 1 or 2
+# tiles in flight, all with PDL; sweep 8's choice per shape for reference.
+SWEEP9 = {
+    "qkv_fused": [(512, 16, 4, 192, 1), (1024, 8, 4, 96, 1), (1024, 8, 4, 64, 1), (1024, 8, 4, 96, 2),
+                  (512, 8, 2, 192, 1), (512, 8, 2, 128, 1), (512, 8, 2, 128, 2), (512, 8, 2, 96, 1)],
+    "q|o": [(512, 16, 4, 128, 1), (1024, 8, 4, 64, 1), (1024, 8, 4, 64, 2), (1024, 8, 4, 48, 1),
+            (512, 8, 2, 128, 1), (512, 8, 2, 96, 1), (512, 8, 2, 64, 1), (512, 8, 2, 64, 2)],
+    "k|v": [(128, 32, 4, 128, 1), (1024, 8, 4, 32, 1), (512, 8, 2, 64, 1), (512, 8, 2, 32, 1),
+            (256, 8, 1, 64, 1), (256, 8, 1, 32, 1)],
+    "gate_up_fused": [(1024, 8, 4, 456, 1), (1024, 8, 4, 296, 1), (1024, 8, 4, 216, 1), (1024, 8, 4, 456, 2),
+                      (1024, 8, 4, 296, 2), (512, 8, 2, 456, 1), (512, 8, 2, 296, 2)],
+    "gate|up": [(512, 16, 4, 456, 1), (1024, 8, 4, 216, 1), (1024, 8, 4, 152, 1), (1024, 8, 4, 216, 2),
+                (512, 8, 2, 456, 1), (512, 8, 2, 296, 1), (512, 8, 2, 456, 2)],
+    "down": [(1024, 8, 4, 224, 1), (1024, 8, 4, 152, 1), (1024, 8, 4, 112, 1), (1024, 8, 4, 152, 2),
+             (1024, 8, 4, 224, 2), (512, 8, 2, 224, 1), (512, 8, 2, 224, 2), (512, 8, 2, 152, 1)],
 }
-MASKED8 = {"qkv_fused": [], "q|o": [(64, 64, 4, 4, 0, 0)], "k|v": [(64, 64, 4, 4, 0, 0), (32, 64, 4, 4, 0, 0)]}
 
 
 def configs(shape, K):
-    """Sweep 8's candidates, each without and with PDL (sweeps 5-7: kernels/README.md)."""
-    out = []
-    for c in SWEEP8.get(shape, []):
-        out += [compact(*c, pdl=0), compact(*c, pdl=1)]
-    for m in MASKED8.get(shape, []):
-        out += [m, m + (0, 1)]
-    return out
+    """Sweep 9's candidates (sweeps 5-8: kernels/README.md), all with PDL."""
+    return [compact(*c, pdl=1) for c in SWEEP9.get(shape, [])]
 
 
 def variants(cfg):

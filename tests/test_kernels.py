@@ -28,6 +28,7 @@ CFGS = [
     (16, 16, 4, 0, 1, 64, 2, 0, 16),           # deterministic, 2 in flight, prefix sum in 16s
     (16, 8, 1, 0, 0, 1 << 30, 2, 0, 32),       # one slice = all of K: no split-K; sum in 32s
     (32, 16, 2, 0, 0, 48, 2, 0, 0, 1),         # kept list from the producer kernel
+    (256, 8, 1, 0, 0, 40, 2),                  # rows summed as they arrive (SUM_ROWS, 1-D acc)
 ]
 # Tolerance: fp32 accumulation of products of dtype inputs; the output is rounded to the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -309,7 +309,7 @@ if HAVE_TRITON:
         N, K, stride_wk, B1, B2, SLICE,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, PRODUCED: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-        DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr,
+        DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -340,12 +340,18 @@ if HAVE_TRITON:
         i0, x0, v0 = _kept(idx_ptr + base, xv_ptr + base, ar, count)
         w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
         i1, x1, v1 = _kept(idx_ptr + base, xv_ptr + base, BLOCK_K + ar, count)
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        if SUM_ROWS:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         if DEPTH == 1:
             for i in range(0, tl.cdiv(count, BLOCK_K)):
                 w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
                 i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, (i + 2) * BLOCK_K + ar, count)
-                acc += w0.to(tl.float32) * x0[:, None]
+                if SUM_ROWS:  # see _rows_per_thread
+                    acc += tl.sum(w0.to(tl.float32) * x0[:, None], axis=0)
+                else:
+                    acc += w0.to(tl.float32) * x0[:, None]
                 w0, x0 = w1, x1
                 i1, x1, v1 = i2, x2, v2
         else:
@@ -354,11 +360,17 @@ if HAVE_TRITON:
             for i in range(0, tl.cdiv(count, BLOCK_K)):
                 w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N)
                 i3, x3, v3 = _kept(idx_ptr + base, xv_ptr + base, (i + 3) * BLOCK_K + ar, count)
-                acc += w0.to(tl.float32) * x0[:, None]
+                if SUM_ROWS:  # see _rows_per_thread
+                    acc += tl.sum(w0.to(tl.float32) * x0[:, None], axis=0)
+                else:
+                    acc += w0.to(tl.float32) * x0[:, None]
                 w0, x0 = w1, x1
                 w1, x1 = w2, x2
                 i2, x2, v2 = i3, x3, v3
-        part = tl.sum(acc, axis=0)
+        if SUM_ROWS:
+            part = acc
+        else:
+            part = tl.sum(acc, axis=0)
         _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE)
 
 
@@ -467,7 +479,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt), **common)
         return y
     grid_n, split_k, iters = _grid(N, K, cfg.block_n, cfg.block_k, cfg.progs_per_sm, x1.device)
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
@@ -475,6 +487,16 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt,
         N, K, wt.stride(0), b1, b2, iters, **common)
     return y
+
+
+def _rows_per_thread(cfg: Config, wt: torch.Tensor) -> bool:
+    """SUM_ROWS: sum each tile's rows as they arrive into a [BLOCK_N] accumulator instead of
+    keeping a [BLOCK_K, BLOCK_N] tile of fp32 partial sums. Chosen when Triton's layout gives each
+    thread whole columns of the tile (16-byte vectors along N, all threads and warps along N:
+    the sum stays in registers; otherwise it would cross warps through shared memory every
+    step). It saves registers: 104 instead of 167 for (1024 columns, 8 rows, 4 warps), 143
+    instead of 239 with 2 tiles in flight (ptxas, sm_90a), so more programs fit per SM."""
+    return cfg.block_n >= (16 // wt.element_size()) * 32 * cfg.warps
 
 
 def _use_triton(x: torch.Tensor) -> bool:
