@@ -32,6 +32,7 @@ def run(args):
     if args.tune_table:
         best = json.load(open(args.tune_table))["best"]
         tuning.TABLE.update({(b["N"], b["K"]): tuple(b["cfg"]) for b in best.values()})
+        tuning.FP16.clear()  # a sweep's choice holds for every dtype
     shapes = args.shapes or list(bench.SHAPES)
     unknown = [s for s in shapes if s not in bench.SHAPES]
     if unknown:
@@ -42,6 +43,7 @@ def run(args):
     prov["copy_gbps"] = round(copy, 1)
     prov["configs"] = {f"{n}x{k}": list(tuning.config_for(n, k))
                        for n, k, _ in (bench.SHAPES[s] for s in shapes)}
+    prov["configs_fp16"] = {f"{n}x{k}": list(c) for (n, k), c in tuning.FP16.items()}
     result = dict(provenance=prov, records=records, layer=bench.layer_summary(records))
     if args.chain and not args.shapes:
         result["layer_chain"] = bench.layer_chain(tuple(d for d in args.dtypes if d != "fp32"),

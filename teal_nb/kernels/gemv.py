@@ -521,7 +521,7 @@ def _sparse_gemv_impl(x, wt, thresholds, splits, bias):
         y = torch.cat(outs, dim=-1)
         return y if bias is None else y + bias.to(y.dtype)
     thr = thresholds.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
-    y = _launch(x.reshape(K).contiguous(), wt, thr, splits, bias, config_for(N, K))
+    y = _launch(x.reshape(K).contiguous(), wt, thr, splits, bias, config_for(N, K, x.dtype))
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -568,7 +568,7 @@ def prepare_weight(w) -> torch.Tensor:
         from .tuning import config_for
 
         K, N = wt.shape
-        cfg = Config(*config_for(N, K))
+        cfg = Config(*config_for(N, K, wt.dtype))
         split_k = triton.cdiv(K, min(cfg.slice, K)) if cfg.slice else triton.cdiv(K, min(cfg.block_k, K))
         _scratch(wt.device, N, N * split_k if cfg.reduce else 0, triton.cdiv(N, 16),
                  3 * K + 3 * split_k)

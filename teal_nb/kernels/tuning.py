@@ -2,7 +2,7 @@
 
 A config is a `gemv.Config` (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, DEPTH,
 PDL, SCAN, PRODUCER]); SLICE = 0 selects the masked kernel, SLICE > 0 the compacting one, each
-program owning SLICE input channels. The Llama-3-8B configs were chosen by sweep 8
+program owning SLICE input channels. The Llama-3-8B configs were chosen by sweep 9
 (kernels/results/h200/gemv_tune.json, `kernels/tune_gemv.py` on one NVIDIA H200): for each shape
 the config with the lowest weighted sum over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5)
 of time / best time. The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
@@ -14,14 +14,16 @@ from __future__ import annotations
 TABLE: dict[tuple[int, ...], tuple[int, ...]] = {
     # Wide output blocks (512-1024 columns: 1-2 KB of each kept row per program) and short K
     # slices, sized so that the grid fills the 132 SMs about evenly (kernels/README.md).
+    # Sweep 9 (bf16): 8-row tiles whose rows are summed as they arrive (SUM_ROWS, see
+    # gemv._rows_per_thread) fit 4 programs per SM, so short K slices and many programs win.
     # PDL (last field) since sweep 8: each launch is scheduled while the one before finishes
     # (Hopper and newer; elsewhere the flag is ignored).
-    (6144, 4096): (512, 16, 4, 0, 0, 192, 1, 1),  # qkv_fused: 12 x 22 programs
-    (4096, 4096): (512, 16, 4, 0, 0, 128, 1, 1),  # q|o: 8 x 32
+    (6144, 4096): (1024, 8, 4, 0, 0, 96, 1, 1),  # qkv_fused: 6 x 43 programs
+    (4096, 4096): (512, 8, 2, 0, 0, 64, 1, 1),  # q|o: 8 x 64
     (1024, 4096): (128, 32, 4, 0, 0, 128, 1, 1),  # k|v: 8 x 32
-    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1, 1),  # gate_up_fused: 28 x 9
+    (28672, 4096): (1024, 8, 4, 0, 0, 296, 2, 1),  # gate_up_fused: 28 x 14, 2 tiles in flight
     (14336, 4096): (512, 16, 4, 0, 0, 456, 1, 1),  # gate|up: 28 x 9
-    (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1),  # down: 4 x 64
+    (4096, 14336): (1024, 8, 4, 0, 0, 112, 1, 1),  # down: 4 x 128
     (960, 576): (64, 32, 4, 8, 0, 0),  # smol_qkv_fused
     (576, 576): (64, 32, 4, 2, 0, 0),  # smol_q|o
     (192, 576): (64, 32, 4, 4, 0, 0),  # smol_k|v
@@ -41,5 +43,19 @@ def default_config(N: int, K: int) -> tuple[int, ...]:
     return (64, 64, 4, 4, 0, 0)
 
 
-def config_for(N: int, K: int) -> tuple[int, ...]:
+# In fp16 the short-slice configs of sweep 9 were 10-20% slower than in bf16 on the same run
+# (qkv_fused at s = 0: 19.3 against 16.6 us; down at 50%: 21.6 against 18.4; same instruction
+# mix in the PTX, cause not found), so fp16 keeps sweep 8's longer slices for those shapes.
+FP16: dict[tuple[int, int], tuple[int, ...]] = {
+    (6144, 4096): (512, 16, 4, 0, 0, 192, 1, 1),
+    (4096, 4096): (512, 16, 4, 0, 0, 128, 1, 1),
+    (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1),
+}
+
+
+def config_for(N: int, K: int, dtype=None) -> tuple[int, ...]:
+    """The launch config for an [N, K] projection; `dtype` (a torch dtype or its name) picks the
+    fp16 entries where they differ."""
+    if dtype is not None and str(dtype).removeprefix("torch.") == "float16" and (N, K) in FP16:
+        return FP16[(N, K)]
     return TABLE.get((N, K)) or default_config(N, K)
