@@ -495,7 +495,12 @@ def _rows_per_thread(cfg: Config, wt: torch.Tensor) -> bool:
     thread whole columns of the tile (16-byte vectors along N, all threads and warps along N:
     the sum stays in registers; otherwise it would cross warps through shared memory every
     step). It saves registers: 104 instead of 167 for (1024 columns, 8 rows, 4 warps), 143
-    instead of 239 with 2 tiles in flight (ptxas, sm_90a), so more programs fit per SM."""
+    instead of 239 with 2 tiles in flight (ptxas, sm_90a), so more programs fit per SM.
+    Not in fp16: there the same configs ran 10-20% slower than in bf16 on the H200 (down at 50%:
+    1.36x against 1.75x; the PTX is the same but for the conversion instruction; not explained),
+    and fp16 keeps sweep 8's kernel and configs (tuning.FP16, kernels/README.md item 12)."""
+    if wt.dtype == torch.float16:
+        return False
     return cfg.block_n >= (16 // wt.element_size()) * 32 * cfg.warps
 
 

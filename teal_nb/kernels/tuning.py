@@ -43,12 +43,13 @@ def default_config(N: int, K: int) -> tuple[int, ...]:
     return (64, 64, 4, 4, 0, 0)
 
 
-# In fp16 the short-slice configs of sweep 9 were 10-20% slower than in bf16 on the same run
-# (qkv_fused at s = 0: 19.3 against 16.6 us; down at 50%: 21.6 against 18.4; same instruction
-# mix in the PTX, cause not found), so fp16 keeps sweep 8's longer slices for those shapes.
+# fp16 keeps sweep 8's configs (and kernel: no SUM_ROWS, see gemv._rows_per_thread): in the
+# same H200 run sweep 9's configs were 10-20% slower in fp16 than in bf16 (qkv_fused at s = 0:
+# 19.3 against 16.6 us; down at 50%: 21.6 against 18.4; cause not found).
 FP16: dict[tuple[int, int], tuple[int, ...]] = {
     (6144, 4096): (512, 16, 4, 0, 0, 192, 1, 1),
     (4096, 4096): (512, 16, 4, 0, 0, 128, 1, 1),
+    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1, 1),
     (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1),
 }
 
