@@ -316,9 +316,18 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------------ the model
 
-    def _linear(self, x: torch.Tensor, li: int, proj: str, sparse_rows: slice | None) -> torch.Tensor:
-        """One (fused) projection. `sparse_rows`: which token rows are sparse (None: all dense)."""
+    def _linear(self, x: torch.Tensor, li: int, proj: str, sparse_rows: slice | None,
+                glu: bool = False) -> torch.Tensor:
+        """One (fused) projection. `sparse_rows`: which token rows are sparse (None: all dense).
+        glu: x is the gate/up output [gate | up] and the projection's input is silu(gate) * up;
+        the Triton kernel computes it as it reads x (one launch less per layer), every other
+        path first."""
         blk = self.layers[li]
+        fused_glu = (glu and self.backend == "triton" and sparse_rows == slice(None) and x.shape[1] == 1
+                     and self.record is None and not (self.count and not torch.compiler.is_compiling()))
+        if glu and not fused_glu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
         w = getattr(blk, proj)
         bias = blk.qkv_bias if proj == "qkv" else None
         cols = PROJ_SITES[proj]
@@ -340,7 +349,7 @@ class Decoder(nn.Module):
             from .kernels import sparse_gemv
 
             splits = self._splits(proj)
-            return sparse_gemv(x, getattr(blk, f"{proj}_t"), t, splits=splits, bias=bias)
+            return sparse_gemv(x, getattr(blk, f"{proj}_t"), t, splits=splits, bias=bias, glu=fused_glu)
         # torch backend (and sparse prefill rows of any backend): mask per output segment.
         outs = []
         start = 0
@@ -418,8 +427,7 @@ class Decoder(nn.Module):
         for li, blk in enumerate(self.layers):
             h = h + self._attention(li, rms_norm(h, blk.attn_norm, cfg.norm_eps), input_pos, sparse_rows)
             gu = self._linear(rms_norm(h, blk.mlp_norm, cfg.norm_eps), li, "gate_up", sparse_rows)
-            gate, up = gu.split([cfg.intermediate, cfg.intermediate], dim=-1)
-            h = h + self._linear(F.silu(gate) * up, li, "down", sparse_rows)
+            h = h + self._linear(gu, li, "down", sparse_rows, glu=True)
         if not all_logits:
             h = h[:, -1]
         return F.linear(rms_norm(h, self.norm, cfg.norm_eps), self.lm_head)

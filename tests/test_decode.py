@@ -155,6 +155,13 @@ def test_triton_projections_match_torch(dtype):
             d.backend = "torch"
             ref = d._linear(x, li, proj, slice(None)).float()
             assert ((got - ref).norm() / ref.norm()) < 1e-2, (li, proj)
+        # down fed with the gate/up output: the kernel computes silu(gate) * up itself
+        gu = (2 * torch.randn(1, 1, 2 * d.cfg.intermediate)).to(d.dtype)
+        d.backend = "triton"
+        got = d._linear(gu, li, "down", slice(None), glu=True).float()
+        d.backend = "torch"
+        ref = d._linear(gu, li, "down", slice(None), glu=True).float()
+        assert ((got - ref).norm() / ref.norm()) < 1e-2, (li, "down, glu")
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from teal_nb.kernels import prepare_weight, sparse_gemv, sparse_gemv_reference
+from teal_nb.kernels import glu_input, prepare_weight, sparse_gemv, sparse_gemv_reference
 from teal_nb.kernels.gemv import HAVE_TRITON, INTERPRET, _launch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,6 +146,33 @@ def test_segments_and_bias(dtype):
         assert rel_err(one, ref) > 1e-2
         y = sparse_gemv(x, wt, thr, splits, bias)
         assert rel_err(y, ref) < TOL[dtype]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_glu_input_fused_like_reference(dtype):
+    """down_proj fed with [gate | up]: the kernel computes silu(gate) * up as it reads x, and gives
+    the reference on glu_input(x) (the interpreter rounds fp32 -> bf16 by truncation, the GPU to
+    nearest: the tolerance is the dtype's)."""
+    K, N = 130, 257
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(N, K, generator=g).to(dtype).to(DEV)
+    x = (2 * torch.randn(2 * K, generator=g)).to(dtype).to(DEV)
+    wt, xi = prepare_weight(w), glu_input(x)
+    a = xi.float().abs().sort().values.cpu()
+    for s in (0.0, 0.5, 0.95):
+        # A threshold in the widest gap between |x| values near the s-quantile: a value that
+        # rounds differently (see above) must not cross it.
+        i = max(range(max(1, int(s * K) - 5), int(s * K) + 6), key=lambda j: a[j] - a[j - 1])
+        thr = torch.tensor([float(a[i] + a[i - 1]) / 2 if s else 0.0], device=DEV)
+        ref = ref32(xi, wt, thr)
+        assert rel_err(sparse_gemv_reference(x, wt, thr, glu=True), ref) < TOL[dtype]
+        for cfg in (CFGS[0], CFGS[2], CFGS[5], CFGS[6]):  # masked (glu_input first), compacting, producer
+            assert rel_err(_launch(x, wt, thr, (N,), None, cfg, glu=True), ref) < TOL[dtype], (s, cfg)
+        y = sparse_gemv(x[None, None], wt, thr, glu=True)
+        assert y.shape == (1, 1, N) and rel_err(y[0, 0], ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="2K"):
+        sparse_gemv(x[:K], wt, thr, glu=True)
 
 
 def test_prepare_weight_fuses_lists():

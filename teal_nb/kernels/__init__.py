@@ -24,6 +24,6 @@ explicitly and run cuBLAS per segment; on CPU without the interpreter it runs th
 The kernel keeps a per-device scratch buffer that it leaves zeroed after every call: calls on
 one device must be ordered (one stream), as they are in a decode loop.
 """
-from .gemv import prepare_weight, sparse_gemv, sparse_gemv_reference
+from .gemv import glu_input, prepare_weight, sparse_gemv, sparse_gemv_reference
 
-__all__ = ["prepare_weight", "sparse_gemv", "sparse_gemv_reference"]
+__all__ = ["glu_input", "prepare_weight", "sparse_gemv", "sparse_gemv_reference"]

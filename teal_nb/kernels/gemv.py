@@ -75,12 +75,13 @@ def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
     return splits
 
 
-def _check(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, splits):
+def _check(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, splits, glu: bool = False):
     if wt.dim() != 2:
         raise ValueError(f"wt must be [K, N] (from prepare_weight), got {tuple(wt.shape)}")
     K, N = wt.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features, wt expects K={K}")
+    if x.shape[-1] != (2 * K if glu else K):
+        raise ValueError(f"x has {x.shape[-1]} features, wt expects K={K}"
+                         + (f" (glu: [gate | up], 2K = {2 * K})" if glu else ""))
     splits = _splits(splits, N)
     if thresholds.numel() != len(splits):
         raise ValueError(f"{thresholds.numel()} thresholds for {len(splits)} segments")
@@ -89,9 +90,19 @@ def _check(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, splits):
 
 # ----------------------------------------------------------------------------- reference
 
-def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None):
-    """Pure torch, fp32: mask x per segment (keep |x| > t), multiply by that segment's columns."""
-    K, N, splits = _check(x, wt, thresholds, splits)
+def glu_input(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] (a fused gate/up projection's output): the input of
+    down_proj, computed in fp32 and rounded once to x's dtype (as inductor's fused kernel does)."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None, glu=False):
+    """Pure torch, fp32: mask x per segment (keep |x| > t), multiply by that segment's columns.
+    glu: x is [gate | up] and the input is glu_input(x)."""
+    K, N, splits = _check(x, wt, thresholds, splits, glu)
+    if glu:
+        x = glu_input(x)
     xf = x.float()
     thr = thresholds.detach().float().reshape(-1).to(x.device)
     outs, start = [], 0
@@ -261,18 +272,29 @@ if HAVE_TRITON:
         _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE)
 
     @triton.jit
-    def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, SCAN: tl.constexpr):
+    def _load_x(x_ptr, offs, mask, K, GLU: tl.constexpr):
+        """x[offs] in fp32. GLU: x_ptr holds [gate | up] (2K values) and x = silu(gate) * up,
+        computed in fp32 and rounded once to the dtype, so that down_proj needs no separate
+        SiLU x up kernel before it."""
+        if GLU:
+            g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
+            return (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, SCAN: tl.constexpr, GLU: tl.constexpr):
         """Write the kept channels of x[k_lo:k_hi] (|x| > t) and their values to idx_ptr / xv_ptr
         in order; return how many. A kept channel's position is the number of kept channels
         before it: a prefix sum, SCAN channels at a time (8 per thread keeps the registers low),
         the next SCAN channels of x loaded before the current ones are summed."""
         count = k_lo * 0
         offs = k_lo + tl.arange(0, SCAN)
-        xs_next = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0)
+        xs_next = _load_x(x_ptr, offs, offs < k_hi, K, GLU)
         for c in range(k_lo, k_hi, SCAN):
             inb = offs < k_hi
-            xs = xs_next.to(tl.float32)
-            xs_next = tl.load(x_ptr + offs + SCAN, mask=offs + SCAN < k_hi, other=0.0)
+            xs = xs_next
+            xs_next = _load_x(x_ptr, offs + SCAN, offs + SCAN < k_hi, K, GLU)
             keep = (tl.abs(xs) > t) & inb  # NaN > t is False: dropped
             ki = keep.to(tl.int32)
             pos = count + tl.cumsum(ki, axis=0) - 1
@@ -290,7 +312,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _kept_list_kernel(x_ptr, thr_ptr, idx_ptr, xv_ptr, cnt_ptr, K, SLICE,
-                          SCAN: tl.constexpr, PDL: tl.constexpr):
+                          SCAN: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
         """Producer (PRODUCED=1 below): the kept-channel list of (segment, K slice) built once per
         launch instead of once per program; its count goes to cnt_ptr[seg * split_k + slice]."""
         if PDL:
@@ -300,7 +322,7 @@ if HAVE_TRITON:
         k_lo = tl.program_id(1) * SLICE
         base = seg * K + k_lo
         count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, tl.load(thr_ptr + seg), k_lo,
-                         tl.minimum(k_lo + SLICE, K), SCAN)
+                         tl.minimum(k_lo + SLICE, K), K, SCAN, GLU)
         tl.store(cnt_ptr + seg * tl.num_programs(1) + tl.program_id(1), count)
 
     @triton.jit
@@ -310,6 +332,7 @@ if HAVE_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, PRODUCED: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
+        GLU: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -325,7 +348,7 @@ if HAVE_TRITON:
             count = tl.load(lcnt_ptr + seg * tl.num_programs(1) + tl.program_id(1))
         else:
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
-                             tl.minimum(k_lo + SLICE, K), SCAN)
+                             tl.minimum(k_lo + SLICE, K), K, SCAN, GLU)
         tl.debug_barrier()  # the list is complete before any thread reads it
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
@@ -437,10 +460,15 @@ def _grid(N, K, block_n, block_k, progs_per_sm, device):
     return grid_n, triton.cdiv(k_tiles, iters), iters
 
 
-def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg) -> torch.Tensor:
-    """One token: x1 [K] contiguous -> y [N] in x1's dtype, with launch config `cfg` (a Config)."""
+def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg,
+            glu: bool = False) -> torch.Tensor:
+    """One token: x1 [K] contiguous -> y [N] in x1's dtype, with launch config `cfg` (a Config).
+    glu: x1 is [gate | up] (2K) and the input is silu(gate) * up, computed by the compacting
+    kernel as it reads x (the masked kernel gets it from glu_input first)."""
     K, N = wt.shape
     cfg = Config(*cfg)
+    if glu and not cfg.slice:
+        x1, glu = glu_input(x1), False
     block_n, block_k = _fit_block_n(cfg.block_n, cfg.block_k, splits)
     cfg = cfg._replace(block_n=min(block_n, triton.next_power_of_2(N)),
                        block_k=min(block_k, triton.next_power_of_2(K)))
@@ -450,7 +478,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         start = 0
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
-            y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias, cfg)
+            y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias, cfg, glu)
             start += n
         return y
     if len(bounds) > 2:
@@ -474,12 +502,12 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         lcnt = idx[3 * K:]  # the producer's counts, after the lists
         if cfg.producer:
             _kept_list_kernel[(len(splits), split_k)](
-                x1, thr, idx, xv, lcnt, K, slice_, SCAN=scan, PDL=pdl, num_warps=cfg.warps,
+                x1, thr, idx, xv, lcnt, K, slice_, SCAN=scan, PDL=pdl, GLU=glu, num_warps=cfg.warps,
                 **({"launch_pdl": True} if pdl else {}))
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt), **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt), GLU=glu, **common)
         return y
     grid_n, split_k, iters = _grid(N, K, cfg.block_n, cfg.block_k, cfg.progs_per_sm, x1.device)
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
@@ -508,12 +536,14 @@ def _use_triton(x: torch.Tensor) -> bool:
     return HAVE_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
 
 
-def _sparse_gemv_impl(x, wt, thresholds, splits, bias):
+def _sparse_gemv_impl(x, wt, thresholds, splits, bias, glu=False):
     from .tuning import config_for
 
-    K, N, splits = _check(x, wt, thresholds, splits)
-    rows = x.numel() // K if K else 0
+    K, N, splits = _check(x, wt, thresholds, splits, glu)
+    rows = x.numel() // x.shape[-1] if K else 0
     if rows != 1 or not _use_triton(x) or wt.stride(1) != 1:
+        if glu:
+            x = glu_input(x)
         if rows == 1 or not x.is_cuda:
             return sparse_gemv_reference(x, wt, thresholds, splits, bias)
         # Several tokens: mask explicitly, then one dense product per segment (cuBLAS).
@@ -526,7 +556,7 @@ def _sparse_gemv_impl(x, wt, thresholds, splits, bias):
         y = torch.cat(outs, dim=-1)
         return y if bias is None else y + bias.to(y.dtype)
     thr = thresholds.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
-    y = _launch(x.reshape(K).contiguous(), wt, thr, splits, bias, config_for(N, K, x.dtype))
+    y = _launch(x.reshape(-1).contiguous(), wt, thr, splits, bias, config_for(N, K, x.dtype), glu)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -534,20 +564,23 @@ def _sparse_gemv_impl(x, wt, thresholds, splits, bias):
 
 @torch.library.custom_op("teal_nb::sparse_gemv", mutates_args=())
 def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
-                    splits: list[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _sparse_gemv_impl(x, wt, thresholds, splits, bias)
+                    splits: list[int], bias: Optional[torch.Tensor] = None, glu: bool = False) -> torch.Tensor:
+    return _sparse_gemv_impl(x, wt, thresholds, splits, bias, glu)
 
 
 @_sparse_gemv_op.register_fake
-def _(x, wt, thresholds, splits, bias=None):
+def _(x, wt, thresholds, splits, bias=None, glu=False):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
-def sparse_gemv(x, wt, thresholds, splits=None, bias=None):
+def sparse_gemv(x, wt, thresholds, splits=None, bias=None, glu=False):
     """y = (x masked by |x| > t per output segment) @ wt, in x's dtype.
 
     x: [..., K]; wt: [K, N] from prepare_weight; thresholds: fp32 [len(splits)];
     splits: output sizes summing to N (None: one segment); bias: [N] or None.
+    glu: x is [..., 2K] = [gate | up], a fused gate/up projection's output, and the input is
+    silu(gate) * up (glu_input), computed inside the kernel: down_proj without its own SiLU x up
+    launch.
     One row of x runs the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); several rows on
     a GPU mask explicitly and use cuBLAS; anything else runs the reference.
     """
@@ -557,7 +590,7 @@ def sparse_gemv(x, wt, thresholds, splits=None, bias=None):
     if thresholds.device != x.device:
         thresholds = thresholds.to(x.device)
     splits = list(_splits(splits, wt.shape[-1]))
-    return _sparse_gemv_op(x, wt, thresholds, splits, bias)
+    return _sparse_gemv_op(x, wt, thresholds, splits, bias, bool(glu))
 
 
 def prepare_weight(w) -> torch.Tensor:
