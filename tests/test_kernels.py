@@ -230,6 +230,9 @@ def test_custom_op_under_torch_compile():
     torch._dynamo.reset()
     y = torch.compile(f, backend="aot_eager", fullgraph=True)(x[None])
     assert rel_err(y, torch.relu(ref32(x[None], wt, thr)) * 2) < 1e-5
+    gu = torch.cat([x, x.flip(0)])[None]  # [gate | up] for the glu input
+    y = torch.compile(lambda v: sparse_gemv(v, wt, thr, glu=True), backend="aot_eager", fullgraph=True)(gu)
+    assert y.shape == (1, N) and rel_err(y, sparse_gemv_reference(gu, wt, thr, glu=True)) < 1e-5
     assert hasattr(torch.ops.teal_nb, "sparse_gemv")
 
 
