@@ -298,3 +298,37 @@ def test_split_k_reduction_has_no_race():
             acc, _, cnt, _, _ = _SCRATCH[("cuda", torch.device(DEV).index or 0)]
             torch.cuda.synchronize()
             assert not acc.any() and not cnt.any()
+
+
+def test_programs_per_sm_closed_form():
+    from teal_nb.kernels.ptxas import programs_per_sm
+
+    # 65536 registers per SM, allotted per warp in steps of 8 per thread; at most 64 warps.
+    assert programs_per_sm(104, 4) == 4  # 104 * 32 * 4 = 13312 -> 4.9
+    assert programs_per_sm(167, 4) == 3  # rounded to 168: 21504 -> 3.05
+    assert programs_per_sm(255, 4) == 2
+    assert programs_per_sm(32, 1) == 32  # the block limit
+    assert programs_per_sm(16, 16) == 4  # the warp limit
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+def test_ptxas_row_sums_save_registers():
+    """Compiled for the H200 (sm_90a) on this machine, no GPU: summing the tile's rows as they
+    arrive (SUM_ROWS) leaves fewer registers than a tile of partial sums, and no spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # needs the compiler
+    out = {}
+    for flag in ("--sum-rows", "--no-sum-rows"):
+        p = subprocess.run([sys.executable, "-m", "teal_nb.kernels.ptxas", "1024", "8", "4", "224", flag],
+                           capture_output=True, text=True, env=env)
+        if p.returncode and "ptxas" in p.stderr and "No such file" in p.stderr:
+            pytest.skip("Triton's bundled ptxas is missing")
+        assert p.returncode == 0, p.stderr[-2000:]
+        out[flag] = json.loads(p.stdout)
+    rows, tile = out["--sum-rows"], out["--no-sum-rows"]
+    assert rows["registers"] < tile["registers"] and rows["spill_bytes"] == tile["spill_bytes"] == 0
+    assert rows["programs_per_sm"] > tile["programs_per_sm"]
