@@ -314,7 +314,8 @@ def test_programs_per_sm_closed_form():
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
 def test_ptxas_row_sums_save_registers():
     """Compiled for the H200 (sm_90a) on this machine, no GPU: summing the tile's rows as they
-    arrive (SUM_ROWS) leaves fewer registers than a tile of partial sums, and no spills."""
+    arrive (SUM_ROWS) leaves fewer registers than a tile of partial sums, and no spills; and the
+    kernel builds for an A100 too."""
     import json
     import os
     import subprocess
@@ -332,3 +333,7 @@ def test_ptxas_row_sums_save_registers():
     rows, tile = out["--sum-rows"], out["--no-sum-rows"]
     assert rows["registers"] < tile["registers"] and rows["spill_bytes"] == tile["spill_bytes"] == 0
     assert rows["programs_per_sm"] > tile["programs_per_sm"]
+    # The same kernel builds for an A100 (sm_80: no programmatic dependent launch there).
+    p = subprocess.run([sys.executable, "-m", "teal_nb.kernels.ptxas", "512", "16", "4", "192", "--arch", "80"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and json.loads(p.stdout)["arch"] == "sm_80", p.stderr[-2000:]

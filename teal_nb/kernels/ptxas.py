@@ -17,7 +17,7 @@ import re
 import subprocess
 import tempfile
 
-# Per-SM limits of Hopper (sm_90): registers, resident warps, resident blocks.
+# Per-SM limits of Hopper (sm_90) and Ampere's A100 (sm_80) alike: registers, warps, blocks.
 SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32
 POINTER_TYPES = {"thr_ptr": "fp32", "acc_ptr": "fp32", "xv_ptr": "fp32",
                  "cnt_ptr": "i32", "idx_ptr": "i32", "lcnt_ptr": "i32"}
@@ -33,7 +33,8 @@ def programs_per_sm(registers: int, warps: int) -> int:
 def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth: int = 1,
                      sum_rows: bool | None = None, dtype: str = "bf16", arch: int = 90,
                      glu: bool = False) -> dict:
-    """ptxas's report for `_sparse_gemv_compact_kernel` with this launch config, for sm_<arch>a.
+    """ptxas's report for `_sparse_gemv_compact_kernel` with this launch config, for sm_<arch>
+    (90: the H200's sm_90a; 80: an A100).
 
     sum_rows=None takes the launcher's own choice (gemv._rows_per_thread) for this config and
     dtype. Integer arguments get the JIT's divisibility-by-16 hint, as in a real launch."""
@@ -68,15 +69,16 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+    gpu = f"sm_{arch}" + ("a" if arch >= 90 else "")  # the arch-specific variant (wgmma, setmaxnreg) exists from sm_90
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
         f.flush()
-        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", "/dev/null"],
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
                              capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", out).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
     return dict(block_n=block_n, block_k=block_k, warps=warps, slice=slice_, depth=depth, dtype=dtype,
-                sum_rows=bool(sum_rows), glu=glu, arch=f"sm_{arch}a", registers=registers, spill_bytes=spills,
+                sum_rows=bool(sum_rows), glu=glu, arch=gpu, registers=registers, spill_bytes=spills,
                 programs_per_sm=programs_per_sm(registers, warps))
 
 
