@@ -24,7 +24,11 @@ Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by m
   list is built once per launch by `_kept_list_kernel` (PRODUCER; measured slower) and either
   kernel can use programmatic dependent launch (PDL, chosen for every Llama-3-8B shape since
   sweep 8: kernels/README.md, item 11).
-* Products are summed in fp32.
+* Products are summed in fp32. In the compacting loop, when each thread holds whole columns of
+  a tile, its rows are summed as they arrive into a [BLOCK_N] accumulator (SUM_ROWS: fewer
+  registers, more programs per SM; bf16 and fp32 only, see _rows_per_thread).
+* glu=True (down_proj): x is a fused gate/up output [gate | up] and the kernel's input is
+  silu(gate) * up, computed as x is read (`glu_input` is its torch twin): no separate launch.
 * The partial sums of the K slices of one output block are combined without a second launch:
   REDUCE=0 adds them with fp32 atomics into a scratch vector; REDUCE=1 stores them into a
   scratch matrix [SPLIT_K, N] (deterministic). Then each program increments the block's arrival
