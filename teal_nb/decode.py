@@ -179,6 +179,11 @@ class Decoder(nn.Module):
         # F.linear's W [N, K], per projection: cuBLAS picks other kernels for the other layout
         # (chosen by measurement in decode_bench.choose_dense_layout; needs prepare_triton()).
         self.dense_wt: set[str] = set()
+        # Dense projections run by our kernel with every channel kept (a negative threshold),
+        # one token at a time, where it beats cuBLAS (also chosen by measurement there); down
+        # then takes the gate/up output and computes SiLU x up itself, one launch less per layer.
+        self.dense_triton: set[str] = set()
+        self.register_buffer("keep_all", torch.full((3,), -1.0, device=device), persistent=False)
         # Greedy argmax over the vocabulary in two reductions (chunks of this size, then the
         # chunks' maxima): one reduction over Llama-3's 128K logits ran as a single program.
         self.argmax_chunk = _argmax_chunk(cfg.vocab)
@@ -302,6 +307,7 @@ class Decoder(nn.Module):
                     setattr(blk, f"{p}_t", prepare_weight(getattr(blk, p)))
 
     def drop_triton(self) -> None:
+        self.dense_wt, self.dense_triton = set(), set()  # both read the kernels' layout
         for blk in self.layers:
             for p in PROJ_SITES:
                 setattr(blk, f"{p}_t", None)
@@ -323,8 +329,11 @@ class Decoder(nn.Module):
         the Triton kernel computes it as it reads x (one launch less per layer), every other
         path first."""
         blk = self.layers[li]
-        fused_glu = (glu and self.backend == "triton" and sparse_rows == slice(None) and x.shape[1] == 1
-                     and self.record is None and not (self.count and not torch.compiler.is_compiling()))
+        dense = sparse_rows is None or self.backend == "dense"
+        kernel = x.shape[1] == 1 and (proj in self.dense_triton if dense else
+                                      self.backend == "triton" and sparse_rows == slice(None))
+        fused_glu = (glu and kernel and self.record is None
+                     and not (self.count and not torch.compiler.is_compiling()))
         if glu and not fused_glu:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
@@ -333,7 +342,13 @@ class Decoder(nn.Module):
         cols = PROJ_SITES[proj]
         if self.record is not None and sparse_rows is not None:
             self.record.setdefault((li, PROJ_STATE[proj]), []).append(x[:, sparse_rows].detach().float().flatten(0, -2))
-        if sparse_rows is None or self.backend == "dense":
+        if dense and kernel:
+            from .kernels import sparse_gemv
+
+            splits = self._splits(proj)
+            return sparse_gemv(x, getattr(blk, f"{proj}_t"), self.keep_all[:len(splits or [0])], splits=splits,
+                               bias=bias, glu=fused_glu)
+        if dense:
             wt = getattr(blk, f"{proj}_t") if proj in self.dense_wt else None
             if wt is not None:
                 y = torch.matmul(x, wt)
@@ -345,7 +360,7 @@ class Decoder(nn.Module):
             st = self.stats[li, cols[0]:cols[-1] + 1]  # a view: the counts land in self.stats
             st[:, 0] += (xs <= t[None, :]).sum(0)
             st[:, 1] += xs.numel()
-        if self.backend == "triton" and x.shape[1] == 1 and sparse_rows == slice(None):
+        if kernel:
             from .kernels import sparse_gemv
 
             splits = self._splits(proj)

@@ -259,31 +259,41 @@ def choose_reductions(dec, log=print) -> dict:
 
 
 def choose_dense_layout(dec, log=print) -> dict:
-    """Per projection, time cuBLAS reading W [N, K] (F.linear) and W^T [K, N] (x @ W^T, the
-    Triton layout made by prepare_triton) over all layers' weights in a CUDA graph; keep the
-    faster. Returns {proj: {"w_us": .., "wt_us": .., "chosen": ..}}."""
+    """Per projection, time three dense products over all layers' weights in a CUDA graph: cuBLAS
+    reading W [N, K] (F.linear), cuBLAS reading W^T [K, N] (x @ W^T, the Triton layout made by
+    prepare_triton), and our kernel keeping every channel (a negative threshold; for down it
+    also computes SiLU x up from the gate/up output, which saves the decoder a launch that this
+    timing does not count). Keep the fastest. Returns {proj: {"w_us", "wt_us", "triton_us", "chosen"}}."""
     import torch.nn.functional as F
 
     from .decode import PROJ_SITES
+    from .kernels import sparse_gemv
     from .kernels.bench import graph_us
 
     dec.prepare_triton()
     cfg = dec.cfg
     out = {}
-    dec.dense_wt = set()
+    dec.dense_wt, dec.dense_triton = set(), set()
     for proj in PROJ_SITES:
         n, k = cfg.proj_shape(proj)
         x = torch.randn(1, 1, k, device=dec.device, dtype=dec.dtype)
+        glu = proj == "down"
+        xg = torch.randn(1, 1, 2 * k, device=dec.device, dtype=dec.dtype) if glu else x
+        splits = dec._splits(proj)
+        keep = dec.keep_all[:len(splits or [0])]
         w_calls = [lambda b=b: F.linear(x, getattr(b, proj)) for b in dec.layers]
         wt_calls = [lambda b=b: torch.matmul(x, getattr(b, f"{proj}_t")) for b in dec.layers]
+        k_calls = [lambda b=b: sparse_gemv(xg, getattr(b, f"{proj}_t"), keep, splits, glu=glu) for b in dec.layers]
         n_calls = 2 * len(dec.layers)
-        w_us, wt_us = graph_us(w_calls, n_calls, 10), graph_us(wt_calls, n_calls, 10)
-        # W^T only where it wins by more than the timer's noise.
-        chosen = "wt" if wt_us < 0.97 * w_us else "w"
+        w_us, wt_us, k_us = (graph_us(c, n_calls, 10) for c in (w_calls, wt_calls, k_calls))
+        # Away from F.linear only where the other wins by more than the timer's noise.
+        chosen = min((("w", w_us), ("wt", wt_us / 0.97), ("triton", k_us / 0.97)), key=lambda c: c[1])[0]
         if chosen == "wt":
             dec.dense_wt.add(proj)
-        out[proj] = {"N": n, "K": k, "w_us": w_us, "wt_us": wt_us, "chosen": chosen}
-        log(f"dense {proj} [{n}x{k}]: W {w_us:.1f} us, W^T {wt_us:.1f} us -> {chosen}")
+        elif chosen == "triton":
+            dec.dense_triton.add(proj)
+        out[proj] = {"N": n, "K": k, "w_us": w_us, "wt_us": wt_us, "triton_us": k_us, "chosen": chosen}
+        log(f"dense {proj} [{n}x{k}]: W {w_us:.1f} us, W^T {wt_us:.1f} us, ours (all kept) {k_us:.1f} us -> {chosen}")
     return out
 
 

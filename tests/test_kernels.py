@@ -103,7 +103,8 @@ def test_keep_all_keep_none(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cfg", CFGS[1:3] + CFGS[4:])
 def test_nan_inf_like_reference(dtype, cfg):
-    """Rule: keep |x| > t. NaN compares false -> dropped; +-inf kept unless t = inf."""
+    """Rule: keep |x| > t. NaN compares false -> dropped; +-inf kept unless t = inf; t < 0 keeps
+    everything, NaN included (the dense product)."""
     N, K = 40, 48
     w, x, t = make(N, K, dtype, 0.3)
     x[3] = float("nan")
@@ -124,6 +125,14 @@ def test_nan_inf_like_reference(dtype, cfg):
     # t = inf drops the infinities too
     inf_thr = torch.tensor([math.inf], device=DEV)
     assert torch.equal(_launch(x, wt, inf_thr, (N,), None, cfg).float(), torch.zeros(N, device=DEV))
+    # a negative threshold is the dense product: NaN kept, as cuBLAS would
+    x[7] = x[9] = 0.0
+    for neg in (-1.0, -math.inf):
+        y = _launch(x, wt, torch.tensor([neg], device=DEV), (N,), None, cfg)
+        assert y.isnan().all() and sparse_gemv_reference(x, wt, torch.tensor([neg], device=DEV)).isnan().all()
+    x[3] = 1.0
+    dense = (x.float() @ wt.float()).to(dtype)
+    assert rel_err(_launch(x, wt, torch.tensor([-math.inf], device=DEV), (N,), None, cfg), dense.float()) < TOL[dtype]
 
 
 @needs_kernel

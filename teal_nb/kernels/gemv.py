@@ -42,8 +42,10 @@ Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by m
 
 NaN and inf: the rule is TEAL's, keep x[k] iff |x[k]| > t. NaN compares false, so a NaN input is
 dropped (treated as zero, it never reaches y); +-inf is kept unless t = inf and then gives +-inf
-(or NaN when +inf and -inf meet) as the dense product would. Kernel and reference follow the same
-rule. A weight that is NaN/inf in a skipped row is never read by the kernel (the reference
+(or NaN when +inf and -inf meet) as the dense product would. A negative threshold keeps every
+entry, NaN included: the kernel as a dense GEMV, which propagates NaN as cuBLAS does (a decoder
+may pick it where it beats cuBLAS, decode_bench.choose_dense_layout). Kernel and reference follow
+the same rule. A weight that is NaN/inf in a skipped row is never read by the kernel (the reference
 multiplies it by 0 and gets NaN); weights are assumed finite.
 """
 from __future__ import annotations
@@ -111,7 +113,7 @@ def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None, glu=False):
     thr = thresholds.detach().float().reshape(-1).to(x.device)
     outs, start = [], 0
     for i, n in enumerate(splits):
-        xm = torch.where(xf.abs() > thr[i], xf, torch.zeros((), device=x.device))
+        xm = torch.where((xf.abs() > thr[i]) | (thr[i] < 0), xf, torch.zeros((), device=x.device))
         outs.append(xm @ wt[:, start:start + n].float())
         start += n
     y = torch.cat(outs, dim=-1)
@@ -166,6 +168,12 @@ if HAVE_TRITON:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         seg = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)
         return offs_n, offs_n < N, seg, tl.load(thr_ptr + seg)
+
+    @triton.jit
+    def _keep(x, t):
+        """TEAL's rule, |x| > t (NaN compares false: dropped), except that a negative threshold
+        keeps everything, NaN included (the dense product)."""
+        return (tl.abs(x) > t) | ((tl.zeros_like(x) + t) < 0)
 
     @triton.jit
     def _load_rows(w_base, rows, rmask, nmask, stride_wk, EVEN_N: tl.constexpr):
@@ -252,8 +260,9 @@ if HAVE_TRITON:
         # program keeps a W tile in flight while it multiplies the previous one.
         offs_k = k0 + ar_k
         x_cur = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        # The fused threshold: keep channel k iff |x[k]| > t (NaN > t is False: dropped).
-        keep = (tl.abs(x_cur) > t) & (offs_k < K)
+        # The fused threshold: keep channel k iff |x[k]| > t (NaN > t is False: dropped; t < 0:
+        # every channel, NaN included).
+        keep = _keep(x_cur, t) & (offs_k < K)
         x_cur = tl.where(keep, x_cur, 0.0)
         w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
         offs_k = k0 + BLOCK_K + ar_k
@@ -261,7 +270,7 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for i in range(1, ITERS):
             offs_k = k0 + i * BLOCK_K + ar_k
-            keep = (tl.abs(x_nxt) > t) & (offs_k < K)
+            keep = _keep(x_nxt, t) & (offs_k < K)
             x_nxt = tl.where(keep, x_nxt, 0.0)
             w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
             offs_k2 = offs_k + BLOCK_K
@@ -299,7 +308,7 @@ if HAVE_TRITON:
             inb = offs < k_hi
             xs = xs_next
             xs_next = _load_x(x_ptr, offs + SCAN, offs + SCAN < k_hi, K, GLU)
-            keep = (tl.abs(xs) > t) & inb  # NaN > t is False: dropped
+            keep = _keep(xs, t) & inb
             ki = keep.to(tl.int32)
             pos = count + tl.cumsum(ki, axis=0) - 1
             tl.store(idx_ptr + pos, offs, mask=keep)
@@ -554,7 +563,8 @@ def _sparse_gemv_impl(x, wt, thresholds, splits, bias, glu=False):
         thr = thresholds.float().reshape(-1)
         outs, start = [], 0
         for i, n in enumerate(splits):
-            xm = torch.where(x.float().abs() > thr[i], x, torch.zeros((), dtype=x.dtype, device=x.device))
+            xm = torch.where((x.float().abs() > thr[i]) | (thr[i] < 0), x,
+                             torch.zeros((), dtype=x.dtype, device=x.device))
             outs.append(xm @ wt[:, start:start + n].to(x.dtype))
             start += n
         y = torch.cat(outs, dim=-1)
