@@ -342,20 +342,14 @@ class Decoder(nn.Module):
         cols = PROJ_SITES[proj]
         if self.record is not None and sparse_rows is not None:
             self.record.setdefault((li, PROJ_STATE[proj]), []).append(x[:, sparse_rows].detach().float().flatten(0, -2))
-        if dense and kernel:
-            from .kernels import sparse_gemv
-
-            splits = self._splits(proj)
-            return sparse_gemv(x, getattr(blk, f"{proj}_t"), self.keep_all[:len(splits or [0])], splits=splits,
-                               bias=bias, glu=fused_glu)
-        if dense:
+        if dense and not kernel:
             wt = getattr(blk, f"{proj}_t") if proj in self.dense_wt else None
             if wt is not None:
                 y = torch.matmul(x, wt)
                 return y if bias is None else y + bias
             return F.linear(x, w, bias)
-        t = self.thresholds[li, cols[0]:cols[-1] + 1]
-        if self.count and not torch.compiler.is_compiling():
+        t = self.keep_thresholds(proj) if dense else self.thresholds[li, cols[0]:cols[-1] + 1]
+        if self.count and not dense and not torch.compiler.is_compiling():
             xs = x[:, sparse_rows].float().abs().reshape(-1, 1)
             st = self.stats[li, cols[0]:cols[-1] + 1]  # a view: the counts land in self.stats
             st[:, 0] += (xs <= t[None, :]).sum(0)
@@ -378,6 +372,10 @@ class Decoder(nn.Module):
             outs.append(F.linear(xm, w[start:start + n], None if bias is None else bias[start:start + n]))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def keep_thresholds(self, proj: str) -> torch.Tensor:
+        """One negative threshold per output segment of `proj`: the kernel keeps every channel."""
+        return self.keep_all[:len(self._splits(proj) or [0])]
 
     def _splits(self, proj: str):
         c = self.cfg

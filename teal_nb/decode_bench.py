@@ -279,8 +279,7 @@ def choose_dense_layout(dec, log=print) -> dict:
         x = torch.randn(1, 1, k, device=dec.device, dtype=dec.dtype)
         glu = proj == "down"
         xg = torch.randn(1, 1, 2 * k, device=dec.device, dtype=dec.dtype) if glu else x
-        splits = dec._splits(proj)
-        keep = dec.keep_all[:len(splits or [0])]
+        splits, keep = dec._splits(proj), dec.keep_thresholds(proj)
         w_calls = [lambda b=b: F.linear(x, getattr(b, proj)) for b in dec.layers]
         wt_calls = [lambda b=b: torch.matmul(x, getattr(b, f"{proj}_t")) for b in dec.layers]
         k_calls = [lambda b=b: sparse_gemv(xg, getattr(b, f"{proj}_t"), keep, splits, glu=glu) for b in dec.layers]

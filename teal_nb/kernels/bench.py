@@ -212,6 +212,8 @@ def layer_chain(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 0.65),
     own rotating weight copies, so every kernel follows a different one (the per-shape figures
     follow the same kernel, which flatters launch overlap such as PDL). Dense: cuBLAS in the
     same chain. One record per (dtype, s), microseconds per layer."""
+    from .gemv import sparse_gemv
+
     F = torch.nn.functional.linear
     out = []
     for dt in dtypes:
@@ -221,8 +223,6 @@ def layer_chain(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 0.65),
         dense = graph_us([lambda i=i, sb=sb: F(sb.x, sb.w[i % len(sb.w)]) for i, sb in order],
                          n_calls=n_calls, reps=reps) * len(sbs)
         for s in sparsities:
-            from .gemv import sparse_gemv
-
             thr = {id(sb): sb.thresholds(s) for sb in sbs}
             sparse = graph_us([lambda i=i, sb=sb: sparse_gemv(sb.x, sb.wt[i % len(sb.wt)], thr[id(sb)],
                                                               sb.splits) for i, sb in order],

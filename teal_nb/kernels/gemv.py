@@ -96,6 +96,12 @@ def _check(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, splits, 
 
 # ----------------------------------------------------------------------------- reference
 
+def keep_mask(x: torch.Tensor, t) -> torch.Tensor:
+    """The kernel's rule (its `_keep`): |x| > t, NaN dropped, except that a negative threshold
+    keeps everything, NaN included (the dense product). x compared in fp32."""
+    return (x.float().abs() > t) | (t < 0)
+
+
 def glu_input(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] (a fused gate/up projection's output): the input of
     down_proj, computed in fp32 and rounded once to x's dtype (as inductor's fused kernel does)."""
@@ -113,7 +119,7 @@ def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None, glu=False):
     thr = thresholds.detach().float().reshape(-1).to(x.device)
     outs, start = [], 0
     for i, n in enumerate(splits):
-        xm = torch.where((xf.abs() > thr[i]) | (thr[i] < 0), xf, torch.zeros((), device=x.device))
+        xm = torch.where(keep_mask(xf, thr[i]), xf, torch.zeros((), device=x.device))
         outs.append(xm @ wt[:, start:start + n].float())
         start += n
     y = torch.cat(outs, dim=-1)
@@ -507,9 +513,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     if cfg.slice:
         slice_ = min(cfg.slice, K)
         split_k = triton.cdiv(K, slice_)
-        # The prefix sum runs SCAN channels at a time, by default 8 per thread: 32 per thread
-        # took 250 registers (4 warps) and so cut the programs per SM.
-        scan = min(triton.next_power_of_2(slice_), cfg.scan or 256 * cfg.warps)
+        scan = _scan(cfg, slice_)
         acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n,
                                            3 * K + 3 * split_k)
         lcnt = idx[3 * K:]  # the producer's counts, after the lists
@@ -520,7 +524,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt), GLU=glu, **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), GLU=glu, **common)
         return y
     grid_n, split_k, iters = _grid(N, K, cfg.block_n, cfg.block_k, cfg.progs_per_sm, x1.device)
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
@@ -530,7 +534,13 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     return y
 
 
-def _rows_per_thread(cfg: Config, wt: torch.Tensor) -> bool:
+def _scan(cfg: Config, slice_: int) -> int:
+    """Channels per prefix-sum step of the compacting kernel, by default 8 per thread: 32 per
+    thread took 250 registers (4 warps) and so cut the programs per SM."""
+    return min(triton.next_power_of_2(slice_), cfg.scan or 256 * cfg.warps)
+
+
+def _rows_per_thread(cfg: Config, dtype: torch.dtype) -> bool:
     """SUM_ROWS: sum each tile's rows as they arrive into a [BLOCK_N] accumulator instead of
     keeping a [BLOCK_K, BLOCK_N] tile of fp32 partial sums. Chosen when Triton's layout gives each
     thread whole columns of the tile (16-byte vectors along N, all threads and warps along N:
@@ -540,9 +550,9 @@ def _rows_per_thread(cfg: Config, wt: torch.Tensor) -> bool:
     Not in fp16: there the same configs ran 10-20% slower than in bf16 on the H200 (down at 50%:
     1.36x against 1.75x; the PTX is the same but for the conversion instruction; not explained),
     and fp16 keeps sweep 8's kernel and configs (tuning.FP16, kernels/README.md item 12)."""
-    if wt.dtype == torch.float16:
+    if dtype == torch.float16:
         return False
-    return cfg.block_n >= (16 // wt.element_size()) * 32 * cfg.warps
+    return cfg.block_n >= (16 // dtype.itemsize) * 32 * cfg.warps
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -563,8 +573,7 @@ def _sparse_gemv_impl(x, wt, thresholds, splits, bias, glu=False):
         thr = thresholds.float().reshape(-1)
         outs, start = [], 0
         for i, n in enumerate(splits):
-            xm = torch.where((x.float().abs() > thr[i]) | (thr[i] < 0), x,
-                             torch.zeros((), dtype=x.dtype, device=x.device))
+            xm = torch.where(keep_mask(x, thr[i]), x, torch.zeros((), dtype=x.dtype, device=x.device))
             outs.append(xm @ wt[:, start:start + n].to(x.dtype))
             start += n
         y = torch.cat(outs, dim=-1)

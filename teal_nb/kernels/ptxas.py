@@ -49,11 +49,11 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     if gemv.INTERPRET:
         raise RuntimeError("ptxas needs Triton's compiler: run without TRITON_INTERPRET=1")
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    cfg = gemv.Config(block_n, block_k, warps, slice=slice_, depth=depth)
     if sum_rows is None:
-        sum_rows = gemv._rows_per_thread(gemv.Config(block_n, block_k, warps),
-                                         torch.empty(0, dtype=tdt))
+        sum_rows = gemv._rows_per_thread(cfg, tdt)
     kernel = gemv._sparse_gemv_compact_kernel
-    constexprs = dict(BLOCK_N=block_n, BLOCK_K=block_k, SCAN=min(triton.next_power_of_2(slice_), 256 * warps),
+    constexprs = dict(BLOCK_N=block_n, BLOCK_K=block_k, SCAN=gemv._scan(cfg, slice_),
                       PRODUCED=False, REDUCE=0, HAS_BIAS=False, EVEN_N=True, DEPTH=depth, PDL=arch >= 90,
                       FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu)
     signature, attrs = {}, {}
