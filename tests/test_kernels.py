@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from teal_nb.kernels import glu_input, prepare_weight, sparse_gemv, sparse_gemv_reference
+from teal_nb.kernels import (glu_input, norm_input, prepare_weight, sparse_gemv, sparse_gemv_into,
+                             sparse_gemv_into_reference, sparse_gemv_reference)
 from teal_nb.kernels.gemv import HAVE_TRITON, INTERPRET, _launch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,6 +185,106 @@ def test_glu_input_fused_like_reference(dtype):
         sparse_gemv(x[:K], wt, thr, glu=True)
 
 
+def _into_case(mode, dtype, K, N, seed):
+    """(x, kwargs) for sparse_gemv_into: plain x [K], the residual stream + a norm weight, or
+    [gate | up] (fp32, as the decoder's gate/up buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "norm":
+        return (3 * torch.randn(K, generator=g)).to(DEV), dict(
+            norm_weight=(0.5 + torch.rand(K, generator=g)).to(dtype).to(DEV), eps=1e-5)
+    if mode == "glu":
+        return (2 * torch.randn(2 * K, generator=g)).to(DEV), dict(glu=True)
+    return torch.randn(K, generator=g).to(dtype).to(DEV), {}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["plain", "norm", "glu"])
+@pytest.mark.parametrize("cfg", [CFGS[0], CFGS[2], CFGS[3], CFGS[5], CFGS[6]])
+def test_into_accumulates_like_reference(dtype, mode, cfg):
+    """sparse_gemv_into adds the masked product to out (fp32, no rounding), computes the RMSNorm
+    or SiLU x up of its input inside the kernel, adds the bias once (not once per K slice) and
+    zeroes `clear`; fused segments, not aligned to the blocks for one case."""
+    K, N = 70, 100
+    w, _, _ = make(N, K, dtype, 0.0, seed=5)
+    wt = prepare_weight(w)
+    x, kw = _into_case(mode, dtype, K, N, seed=6)
+    bias = torch.randn(N).to(dtype).to(DEV)
+    xin = norm_input(x, kw["norm_weight"], 1e-5) if mode == "norm" else glu_input(x, dtype) if mode == "glu" else x
+    a = xin.float().abs().sort().values.cpu()
+    # Thresholds in wide gaps between |input| values (the interpreter rounds fp32 -> bf16 by
+    # truncation, the GPU to nearest: a value must not cross a threshold by rounding).
+    gaps = [max(range(lo, lo + 10), key=lambda j: a[j] - a[j - 1]) for lo in (20, 45)]
+    thr = torch.tensor([float(a[i] + a[i - 1]) / 2 for i in gaps], device=DEV)
+    for splits in ((32, 68), (40, 60)):
+        out0 = torch.randn(N, device=DEV)
+        ref, out = out0.clone(), out0.clone()
+        clear, ref_clear = torch.randn(37, device=DEV), torch.randn(37, device=DEV)
+        sparse_gemv_into_reference(ref, x, wt, thr, splits, bias, clear=ref_clear, **kw)
+        _launch(x, wt, thr, splits, bias, cfg, kw.get("glu", False), out, clear, kw.get("norm_weight"))
+        # The product alone (out - out0) against the reference's, at the dtype's tolerance (fp32:
+        # the only differences are the order of the sums).
+        tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+        assert rel_err(out - out0, ref - out0) < tol, (splits, cfg)
+        assert not clear.any() and not ref_clear.any()
+        # Not the other half of the rule: the reference itself is not the identity.
+        assert rel_err(ref - out0, (xin.float() @ wt.float()) + bias.float()) > 1e-3
+    if dtype == torch.float32 and mode != "plain":  # the public op, on one row
+        out = torch.zeros(1, N, device=DEV)
+        sparse_gemv_into(out, x[None], wt, thr, (32, 68), bias, **kw)
+        ref = torch.zeros(1, N, device=DEV)
+        sparse_gemv_into_reference(ref, x[None], wt, thr, (32, 68), bias, **kw)
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_into_norm_input_is_hf_rms_norm():
+    """norm_input (the kernel's twin) is the decoder's rms_norm of the residual stream, as HF."""
+    from teal_nb.decode import rms_norm
+
+    r = torch.randn(2, 3, 64).bfloat16()
+    w = torch.rand(64).bfloat16() + 0.5
+    assert torch.equal(norm_input(r, w, 1e-5), rms_norm(r, w, 1e-5))
+
+
+@pytest.mark.parametrize("mode", ["plain", "norm", "glu"])
+def test_into_multi_row_path(mode):
+    """Several rows: the reference, row by row (every row accumulated)."""
+    K, N = 24, 40
+    w, _, _ = make(N, K, torch.float32, 0.0)
+    wt = prepare_weight(w)
+    x1, kw = _into_case(mode, torch.float32, K, N, seed=7)
+    x = torch.stack([x1, -x1, 2 * x1])
+    thr = torch.tensor([0.3, 0.7], device=DEV)
+    out = torch.ones(3, N, device=DEV)
+    sparse_gemv_into(out, x, wt, thr, (16, 24), **kw)
+    for i in range(3):
+        ref = torch.ones(N, device=DEV)
+        sparse_gemv_into_reference(ref, x[i], wt, thr, (16, 24), **kw)
+        assert rel_err(out[i], ref) < 1e-6
+
+
+def test_into_bad_arguments():
+    wt = torch.zeros(4, 6)
+    x, thr = torch.zeros(4), torch.tensor([0.0])
+    with pytest.raises(ValueError, match="fp32"):
+        sparse_gemv_into(torch.zeros(6, dtype=torch.bfloat16), x, wt, thr)
+    with pytest.raises(ValueError, match="values"):
+        sparse_gemv_into(torch.zeros(5), x, wt, thr)
+    with pytest.raises(ValueError, match="exclude"):
+        sparse_gemv_into(torch.zeros(6), torch.zeros(8), wt, thr, glu=True, norm_weight=torch.ones(4))
+    with pytest.raises(ValueError, match="norm_weight"):
+        sparse_gemv_into(torch.zeros(6), x, wt, thr, norm_weight=torch.ones(5))
+    buf = torch.zeros(20)
+    with pytest.raises(ValueError, match="overlaps out"):
+        sparse_gemv_into(buf[:6], x, wt, thr, clear=buf[4:10])
+    with pytest.raises(ValueError, match="overlaps x"):
+        sparse_gemv_into(buf[:6], buf[10:14], wt, thr, clear=buf[12:20])
+    out = torch.ones(6)
+    with pytest.raises(ValueError):
+        sparse_gemv_into(out, torch.zeros(5), wt, thr)
+    assert torch.equal(out, torch.ones(6))  # nothing written on a refused call
+
+
 def test_prepare_weight_fuses_lists():
     wq, wk = torch.randn(8, 6), torch.randn(4, 6)
     wt = prepare_weight([wq, wk])
@@ -243,6 +344,16 @@ def test_custom_op_under_torch_compile():
     y = torch.compile(lambda v: sparse_gemv(v, wt, thr, glu=True), backend="aot_eager", fullgraph=True)(gu)
     assert y.shape == (1, N) and rel_err(y, sparse_gemv_reference(gu, wt, thr, glu=True)) < 1e-5
     assert hasattr(torch.ops.teal_nb, "sparse_gemv")
+    # The mutating op: out and clear are updated in place by the compiled graph.
+    out, clear = torch.ones(1, N, device=DEV), torch.ones(5, device=DEV)
+
+    def g(x):
+        sparse_gemv_into(out, x, wt, thr, clear=clear)
+        return out * 2
+
+    y = torch.compile(g, backend="aot_eager", fullgraph=True)(x[None])
+    ref = torch.ones(1, N, device=DEV) + ref32(x[None], wt, thr)
+    assert rel_err(out, ref) < 1e-5 and rel_err(y, 2 * ref) < 1e-5 and not clear.any()
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
@@ -307,6 +418,52 @@ def test_split_k_reduction_has_no_race():
             acc, _, cnt, _, _ = _SCRATCH[("cuda", torch.device(DEV).index or 0)]
             torch.cuda.synchronize()
             assert not acc.any() and not cnt.any()
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="a race needs a GPU")
+def test_into_chain_in_cuda_graph():
+    """The decoder's chain with sparse_gemv_into on the package's configs, captured in a CUDA
+    graph and replayed: qkv (norm inside) adds into a buffer the o launch zeroes, gate/up (norm
+    inside) into one the qkv launch zeroes, o and down (SiLU x up inside) into the residual
+    stream. Every replay checked against the references: a clear racing a read would show."""
+    for dtype in (torch.bfloat16, torch.float16):
+        K, I = 4096, 14336
+        g = torch.Generator(device=DEV).manual_seed(0)
+        wq, wo = (torch.randn(n, k, device=DEV, generator=g).to(dtype) for n, k in ((6144, K), (K, K)))
+        wgu, wd = (torch.randn(n, k, device=DEV, generator=g).to(dtype) for n, k in ((2 * I, K), (K, I)))
+        wts = [prepare_weight(w) for w in (wq, wo, wgu, wd)]
+        r = torch.randn(K, device=DEV, generator=g)
+        nw = (1 + 0.1 * torch.randn(K, device=DEV, generator=g)).to(dtype)
+        xo = torch.randn(K, device=DEV, generator=g).to(dtype)
+        thr = {n: torch.full((m,), 0.5, device=DEV) for n, m in (("qkv", 3), ("o", 1), ("gu", 2), ("down", 1))}
+        qkv_buf, gu_buf, res = torch.zeros(6144, device=DEV), torch.zeros(2 * I, device=DEV), torch.zeros(K, device=DEV)
+
+        def chain():
+            sparse_gemv_into(qkv_buf, r, wts[0], thr["qkv"], (4096, 1024, 1024), norm_weight=nw, clear=gu_buf)
+            sparse_gemv_into(res, xo, wts[1], thr["o"], clear=qkv_buf)
+            sparse_gemv_into(gu_buf, r, wts[2], thr["gu"], (I, I), norm_weight=nw)
+            sparse_gemv_into(res, gu_buf, wts[3], thr["down"], glu=True)
+
+        ref = {k: torch.zeros_like(v) for k, v in (("qkv", qkv_buf), ("gu", gu_buf), ("res", res))}
+        sparse_gemv_into_reference(ref["qkv"], r, wts[0], thr["qkv"], (4096, 1024, 1024), norm_weight=nw)
+        sparse_gemv_into_reference(ref["res"], xo, wts[1], thr["o"])
+        sparse_gemv_into_reference(ref["gu"], r, wts[2], thr["gu"], (I, I), norm_weight=nw)
+        sparse_gemv_into_reference(ref["res"], ref["gu"], wts[3], thr["down"], glu=True)
+        sparse_gemv_into(qkv_buf, r, wts[0], thr["qkv"], (4096, 1024, 1024), norm_weight=nw)
+        assert rel_err(qkv_buf, ref["qkv"]) < TOL[dtype]
+        qkv_buf.zero_()
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
+        for _ in range(20):
+            before = res.clone()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert not qkv_buf.any()  # cleared by o (after attention would have read it)
+            assert rel_err(gu_buf, ref["gu"]) < TOL[dtype]
+            assert rel_err(res - before, ref["res"]) < TOL[dtype]
 
 
 def test_programs_per_sm_closed_form():

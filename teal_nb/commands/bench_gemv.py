@@ -46,8 +46,9 @@ def run(args):
     prov["configs_fp16"] = {f"{n}x{k}": list(c) for (n, k), c in tuning.FP16.items()}
     result = dict(provenance=prov, records=records, layer=bench.layer_summary(records))
     if args.chain and not args.shapes:
-        result["layer_chain"] = bench.layer_chain(tuple(d for d in args.dtypes if d != "fp32"),
-                                                  n_calls=args.n_calls * 2, reps=args.reps)
+        dts = tuple(d for d in args.dtypes if d != "fp32")
+        result["layer_chain"] = bench.layer_chain(dts, n_calls=args.n_calls * 2, reps=args.reps)
+        result["layer_chain_fused"] = bench.layer_chain_fused(dts, n_calls=args.n_calls * 2, reps=args.reps)
     out = args.out
     if out is None:
         gpu = torch.cuda.get_device_name().lower()
@@ -60,9 +61,11 @@ def run(args):
     for row in result["layer"]:
         print(f"layer {row['dtype']} s={row['sparsity']:<5} ideal {row['ideal']:5.2f}  "
               f"unfused {row.get('speedup_unfused', float('nan')):5.2f}x  "
-              f"fused {row.get('speedup_fused', float('nan')):5.2f}x")
-    for row in result.get("layer_chain", []):
-        print(f"layer chain {row['dtype']} s={row['sparsity']:<5} dense {row['dense_us']:6.1f} us  "
-              f"sparse {row['sparse_us']:6.1f} us  {row['speedup']:5.2f}x")
+              f"fused {row.get('speedup_fused', float('nan')):5.2f}x  "
+              f"fused+accum {row.get('speedup_fused_accum', float('nan')):5.2f}x")
+    for key in ("layer_chain", "layer_chain_fused"):
+        for row in result.get(key, []):
+            print(f"{key} {row['dtype']} s={row['sparsity']:<5} dense {row['dense_us']:6.1f} us  "
+                  f"sparse {row['sparse_us']:6.1f} us  {row['speedup']:5.2f}x")
     print(bench.table(records))
     return 0

@@ -13,6 +13,13 @@ Sparse GEMV (TEAL's decode kernel), the API the decoder uses::
         # dropped, +-inf kept unless t = inf). Returns [..., N] in x's dtype, fp32 accumulation.
     y_ref = sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None)   # pure torch, fp32
 
+    sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False,
+                     norm_weight=None, eps=1e-5, clear=None)
+        # out (fp32 [N]) += the masked product, not rounded: no split-K counter, no new tensor.
+        # norm_weight: x is the residual stream, RMSNorm is computed inside the kernel;
+        # glu: x is [gate | up]; clear: an fp32 buffer the launch zeroes (the next one's out).
+        # Twin: sparse_gemv_into_reference (same signature).
+
 Keep `thresholds` on x's device (a CPU tensor is copied on every call, which a CUDA graph
 cannot capture). Launch configs per (N, K) are in `tuning.py` (measured on an H200); the
 kernels and their design notes are in `gemv.py`, the benchmark in `bench.py`.
@@ -24,6 +31,8 @@ explicitly and run cuBLAS per segment; on CPU without the interpreter it runs th
 The kernel keeps a per-device scratch buffer that it leaves zeroed after every call: calls on
 one device must be ordered (one stream), as they are in a decode loop.
 """
-from .gemv import glu_input, prepare_weight, sparse_gemv, sparse_gemv_reference
+from .gemv import (glu_input, norm_input, prepare_weight, sparse_gemv, sparse_gemv_into,
+                   sparse_gemv_into_reference, sparse_gemv_reference)
 
-__all__ = ["glu_input", "prepare_weight", "sparse_gemv", "sparse_gemv_reference"]
+__all__ = ["glu_input", "norm_input", "prepare_weight", "sparse_gemv", "sparse_gemv_into",
+           "sparse_gemv_into_reference", "sparse_gemv_reference"]

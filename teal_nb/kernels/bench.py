@@ -122,6 +122,27 @@ class ShapeBench:
             calls = [lambda wt=wt: _launch(x1, wt, thr, splits, None, cfg) for wt in self.wt]
         return graph_us(calls, **kw)
 
+    def accum_us(self, thr, **kw):
+        """sparse_gemv_into, as a decoder with an fp32 residual stream calls it: each call adds into
+        one fp32 vector and zeroes the next call's (so the clearing is paid for, as in the decoder)."""
+        from .gemv import sparse_gemv_into
+
+        x, splits = self.x, self.splits
+        outs = [torch.zeros(self.N, dtype=torch.float32, device="cuda") for _ in range(2)]
+        calls = [lambda i=i, wt=wt: sparse_gemv_into(outs[i % 2], x, wt, thr, splits, clear=outs[(i + 1) % 2])
+                 for i, wt in enumerate(self.wt[:len(self.wt) // 2 * 2])]
+        return graph_us(calls, **kw)
+
+    def accum_error(self, thr):
+        """rel_err of sparse_gemv_into (fp32 output, from zero) against the fp32 reference."""
+        from .gemv import sparse_gemv_into, sparse_gemv_reference
+
+        x, wt = self.x, self.wt[0]
+        ref = sparse_gemv_reference(x.float(), wt, thr, self.splits).double()
+        out = torch.zeros(1, self.N, dtype=torch.float32, device="cuda")
+        sparse_gemv_into(out, x, wt, thr, self.splits)
+        return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
     def thresholds(self, s):
         t = threshold_for(self.x, s)
         return torch.full((len(self.splits),), t, dtype=torch.float32, device="cuda")
@@ -163,6 +184,7 @@ def bench(shapes=None, dtypes=("bf16", "fp16"), sparsities=SPARSITIES, n_calls=2
             realized = float((sb.x.float().abs() <= thr[0]).float().mean())
             dense = sb.dense_us(n_calls=n_calls, reps=reps)
             sparse = sb.sparse_us(thr, n_calls=n_calls, reps=reps)
+            accum = sb.accum_us(thr, n_calls=n_calls, reps=reps)
             err, err_cublas = sb.accuracy(thr)
             gbps = (1 - realized) * N * K * esize / (sparse * 1e-6) / 1e9
             records.append(dict(
@@ -170,6 +192,8 @@ def bench(shapes=None, dtypes=("bf16", "fp16"), sparsities=SPARSITIES, n_calls=2
                 realized_sparsity=round(realized, 5), dense_us=round(dense, 3),
                 sparse_us=round(sparse, 3), speedup=round(dense / sparse, 4),
                 ideal=round(1 / (1 - s), 4), rel_err=err, rel_err_cublas_masked=err_cublas,
+                accum_us=round(accum, 3), accum_speedup=round(dense / accum, 4),
+                rel_err_accum=sb.accum_error(thr),
                 gbps_retained=round(gbps, 1), pct_copy=round(100 * gbps / copy, 2),
             ))
         del sb
@@ -186,10 +210,11 @@ def layer_summary(records):
     for dt in sorted({r["dtype"] for r in records}):
         for s in sorted({r["sparsity"] for r in records}):
             row = dict(dtype=dt, sparsity=s, ideal=round(1 / (1 - s), 4))
-            for label, parts in (("unfused", unfused), ("fused", fused)):
+            for label, parts, key in (("unfused", unfused, "sparse_us"), ("fused", fused, "sparse_us"),
+                                      ("fused_accum", fused, "accum_us")):
                 try:
                     d = sum(by[(n, dt, s)]["dense_us"] * m for n, m in parts.items())
-                    sp = sum(by[(n, dt, s)]["sparse_us"] * m for n, m in parts.items())
+                    sp = sum(by[(n, dt, s)][key] * m for n, m in parts.items())
                 except KeyError:
                     continue
                 row[f"dense_{label}_us"] = round(d, 2)
@@ -230,6 +255,58 @@ def layer_chain(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 0.65),
             out.append(dict(dtype=dt, sparsity=s, ideal=round(1 / (1 - s), 4), dense_us=round(dense, 2),
                             sparse_us=round(sparse, 2), speedup=round(dense / sparse, 4)))
         del sbs
+        torch.cuda.empty_cache()
+    return out
+
+
+def layer_chain_fused(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 0.65), n_calls=400,
+                      reps=10, eps=1e-5):
+    """A whole Llama-3-8B layer with the decoder's fusions (sparse_gemv_into), timed as a chain like
+    layer_chain: qkv and gate/up read the fp32 residual stream r and compute the RMSNorm inside the
+    kernel (norm_weight), adding into fp32 buffers that the launch before has zeroed (o clears
+    qkv's, qkv clears gate/up's); o and down add into the residual stream; down reads the
+    gate/up buffer and computes SiLU x up itself. So the sparse chain also does the two norms and
+    the two residual adds that the dense chain (the four cuBLAS projections alone) leaves out.
+    Thresholds: the s-quantile of each projection's own input (realized sparsity recorded)."""
+    from .gemv import glu_input, norm_input, sparse_gemv_into
+
+    F = torch.nn.functional.linear
+    out = []
+    for dt in dtypes:
+        dtype = DTYPES[dt]
+        qkv, o, gu, down = (ShapeBench(*SHAPES[n], dtype) for n in FUSED_LAYER)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        K = qkv.K
+        r = torch.randn(K, device="cuda", generator=g)  # the residual stream, fp32
+        nw = (1 + 0.1 * torch.randn(2, K, device="cuda", generator=g)).to(dtype)  # two norm weights
+        bufs = {"qkv": torch.zeros(qkv.N, device="cuda"), "gu": torch.zeros(gu.N, device="cuda"),
+                "res": torch.zeros(K, device="cuda")}
+        xn = [norm_input(r, nw[i], eps) for i in range(2)]
+        gu_out = F(xn[1], gu.w[0]).float()  # what the gate/up launch leaves in its buffer
+        inputs = {"qkv": xn[0], "o": o.x.reshape(-1), "gu": xn[1], "down": glu_input(gu_out, dtype)}
+        copies = max(len(sb.w) for sb in (qkv, o, gu, down))
+        dense = graph_us([lambda i=i, sb=sb: F(sb.x, sb.w[i % len(sb.w)]) for i in range(copies)
+                          for sb in (qkv, o, gu, down)], n_calls=n_calls, reps=reps) * 4
+        for s in sparsities:
+            thr = {k: torch.full((n,), threshold_for(v, s), device="cuda") for (k, v), n in
+                   zip(inputs.items(), (3, 1, 2, 1))}
+            realized = {k: float((v.float().abs() <= thr[k][0]).float().mean()) for k, v in inputs.items()}
+            calls = []
+            for i in range(copies):
+                calls += [
+                    lambda i=i: sparse_gemv_into(bufs["qkv"], r, qkv.wt[i % len(qkv.wt)], thr["qkv"], qkv.splits,
+                                                 norm_weight=nw[0], eps=eps, clear=bufs["gu"]),
+                    lambda i=i: sparse_gemv_into(bufs["res"], o.x, o.wt[i % len(o.wt)], thr["o"], clear=bufs["qkv"]),
+                    lambda i=i: sparse_gemv_into(bufs["gu"], r, gu.wt[i % len(gu.wt)], thr["gu"], gu.splits,
+                                                 norm_weight=nw[1], eps=eps),
+                    lambda i=i: sparse_gemv_into(bufs["res"], bufs["gu"], down.wt[i % len(down.wt)], thr["down"],
+                                                 glu=True),
+                ]
+            sparse = graph_us(calls, n_calls=n_calls, reps=reps) * 4
+            out.append(dict(dtype=dt, sparsity=s, ideal=round(1 / (1 - s), 4), dense_us=round(dense, 2),
+                            sparse_us=round(sparse, 2), speedup=round(dense / sparse, 4),
+                            realized={k: round(v, 4) for k, v in realized.items()}))
+        del qkv, o, gu, down
         torch.cuda.empty_cache()
     return out
 

@@ -102,19 +102,25 @@ def keep_mask(x: torch.Tensor, t) -> torch.Tensor:
     return (x.float().abs() > t) | (t < 0)
 
 
-def glu_input(x: torch.Tensor) -> torch.Tensor:
+def glu_input(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] (a fused gate/up projection's output): the input of
-    down_proj, computed in fp32 and rounded once to x's dtype (as inductor's fused kernel does)."""
+    down_proj, computed in fp32 and rounded once to `dtype` (default x's; the kernel rounds to
+    its weight's dtype, as inductor's fused kernel rounds to the model's)."""
     gate, up = x.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    return (torch.nn.functional.silu(gate) * up).to(dtype or x.dtype)
 
 
-def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None, glu=False):
-    """Pure torch, fp32: mask x per segment (keep |x| > t), multiply by that segment's columns.
-    glu: x is [gate | up] and the input is glu_input(x)."""
-    K, N, splits = _check(x, wt, thresholds, splits, glu)
-    if glu:
-        x = glu_input(x)
+def norm_input(r: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of a residual stream r as HF Llama computes it (normalize in fp32, round to the
+    model's dtype, scale by w in that dtype): the input of qkv and gate/up when the kernel fuses
+    the norm (`norm_weight=`)."""
+    rf = r.float()
+    rf = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * rf.to(w.dtype)
+
+
+def _reference_fp32(x, wt, thresholds, splits, bias):
+    """The masked product in fp32, not rounded: y[n] = sum_k x[k] [|x[k]| > t(n)] wt[k, n]."""
     xf = x.float()
     thr = thresholds.detach().float().reshape(-1).to(x.device)
     outs, start = [], 0
@@ -123,9 +129,32 @@ def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None, glu=False):
         outs.append(xm @ wt[:, start:start + n].float())
         start += n
     y = torch.cat(outs, dim=-1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return y if bias is None else y + bias.float()
+
+
+def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None, glu=False):
+    """Pure torch, fp32: mask x per segment (keep |x| > t), multiply by that segment's columns.
+    glu: x is [gate | up] and the input is glu_input(x, wt.dtype)."""
+    K, N, splits = _check(x, wt, thresholds, splits, glu)
+    out_dtype = x.dtype
+    if glu:
+        x = glu_input(x, wt.dtype)
+    return _reference_fp32(x, wt, thresholds, splits, bias).to(out_dtype)
+
+
+def sparse_gemv_into_reference(out, x, wt, thresholds, splits=None, bias=None, glu=False,
+                               norm_weight=None, eps=1e-5, clear=None):
+    """Pure-torch twin of sparse_gemv_into: out (fp32) += the masked product, not rounded; the
+    input is glu_input(x, wt.dtype) (glu), norm_input(x, norm_weight, eps) (norm) or x; clear
+    (if given) is zeroed."""
+    K, N, splits = _check(x, wt, thresholds, splits, glu)
+    if glu:
+        x = glu_input(x, wt.dtype)
+    elif norm_weight is not None:
+        x = norm_input(x, norm_weight, eps)
+    out += _reference_fp32(x, wt, thresholds, splits, bias).reshape(out.shape)
+    if clear is not None:
+        clear.zero_()
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -199,9 +228,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N,
-                  REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, FENCE: tl.constexpr):
+                  REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, FENCE: tl.constexpr,
+                  ACCUM: tl.constexpr):
         """Write y = sum over K slices of `part` (+ bias) in y's dtype.
 
+        ACCUM (sparse_gemv_into): y is an fp32 vector to add to; every program adds its partial
+        sums with fp32 atomics and is done: no arrival counter, no last program re-reading the
+        total (the serial tail of the split-K reduction below).
         One slice: store. Several: REDUCE=0 adds the partials with fp32 atomics into a scratch
         vector, REDUCE=1 stores them as one row per slice; then each program increments its
         output block's arrival counter, and the last to arrive reads the total (REDUCE=0: and
@@ -210,7 +243,12 @@ if HAVE_TRITON:
         """
         pid_n = tl.program_id(0)
         split_k = tl.num_programs(1)
-        if split_k == 1:
+        if ACCUM:
+            if HAS_BIAS:
+                if tl.program_id(1) == 0:
+                    part += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            tl.atomic_add(y_ptr + offs_n, part, mask=nmask, sem="relaxed")
+        elif split_k == 1:
             if HAS_BIAS:
                 part += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
             tl.store(y_ptr + offs_n, part, mask=nmask)  # cast to y's dtype on store
@@ -248,14 +286,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sparse_gemv_kernel(
-        x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr,
+        x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr, nw_ptr, eps, clr_ptr, CLR_N,
         N, K, stride_wk, B1, B2, ITERS,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
-        FENCE: tl.constexpr,
+        FENCE: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+        ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
     ):
         """Masked variant: walks its K slice tile by tile, loading only the kept rows of each."""
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
+        _clear(clr_ptr, CLR_N, HAS_CLEAR, CLR_BLOCK)
+        rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
         # This program's K slice: ITERS tiles of BLOCK_K input channels.
         k0 = tl.program_id(1) * ITERS * BLOCK_K
         ar_k = tl.arange(0, BLOCK_K)
@@ -265,14 +306,14 @@ if HAVE_TRITON:
         # loaded two steps ahead and the W tile one step ahead of the multiply-add, so each
         # program keeps a W tile in flight while it multiplies the previous one.
         offs_k = k0 + ar_k
-        x_cur = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        x_cur = _load_x(x_ptr, offs_k, offs_k < K, K, nw_ptr, rs, GLU, NORM)
         # The fused threshold: keep channel k iff |x[k]| > t (NaN > t is False: dropped; t < 0:
         # every channel, NaN included).
         keep = _keep(x_cur, t) & (offs_k < K)
         x_cur = tl.where(keep, x_cur, 0.0)
         w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
         offs_k = k0 + BLOCK_K + ar_k
-        x_nxt = tl.load(x_ptr + offs_k, mask=(offs_k < K) & (ITERS > 1), other=0.0).to(tl.float32)
+        x_nxt = _load_x(x_ptr, offs_k, (offs_k < K) & (ITERS > 1), K, nw_ptr, rs, GLU, NORM)
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for i in range(1, ITERS):
             offs_k = k0 + i * BLOCK_K + ar_k
@@ -280,40 +321,72 @@ if HAVE_TRITON:
             x_nxt = tl.where(keep, x_nxt, 0.0)
             w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
             offs_k2 = offs_k + BLOCK_K
-            x_nn = tl.load(x_ptr + offs_k2, mask=(offs_k2 < K) & (i + 1 < ITERS),
-                           other=0.0).to(tl.float32)
+            x_nn = _load_x(x_ptr, offs_k2, (offs_k2 < K) & (i + 1 < ITERS), K, nw_ptr, rs, GLU, NORM)
             acc += w_cur.to(tl.float32) * x_cur[:, None]
             x_cur = x_nxt
             w_cur = w_nxt
             x_nxt = x_nn
         acc += w_cur.to(tl.float32) * x_cur[:, None]
         part = tl.sum(acc, axis=0)  # [BLOCK_N] fp32 partial sums of this K slice
-        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE)
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
+                  ACCUM)
 
     @triton.jit
-    def _load_x(x_ptr, offs, mask, K, GLU: tl.constexpr):
-        """x[offs] in fp32. GLU: x_ptr holds [gate | up] (2K values) and x = silu(gate) * up,
-        computed in fp32 and rounded once to the dtype, so that down_proj needs no separate
-        SiLU x up kernel before it."""
+    def _load_x(x_ptr, offs, mask, K, nw_ptr, rs, GLU: tl.constexpr, NORM: tl.constexpr):
+        """x[offs] in fp32, as the model computes its projection's input, in the weights' dtype
+        (nw_ptr: the norm weight, or the projection's weight when there is no norm).
+        GLU: x_ptr holds [gate | up] (2K values) and x = silu(gate) * up, computed in fp32 and
+        rounded once, so that down_proj needs no separate SiLU x up kernel before it.
+        NORM: x_ptr is the residual stream r and x = w * round(r * rs) (rs from _norm_scale),
+        RMSNorm as HF Llama computes it, so that qkv and gate/up need no norm kernel before them."""
         if GLU:
             g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
-            return (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+            return (g * tl.sigmoid(g) * u).to(nw_ptr.dtype.element_ty).to(tl.float32)
+        if NORM:
+            r = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xn = (r * rs).to(nw_ptr.dtype.element_ty).to(tl.float32)
+            return (xn * w).to(nw_ptr.dtype.element_ty).to(tl.float32)
         return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, SCAN: tl.constexpr, GLU: tl.constexpr):
+    def _norm_scale(x_ptr, K, eps, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
+        """1 / sqrt(mean(r^2) + eps) over all K entries of the residual stream r (NORM), which
+        every program computes for itself: K reads from L2 instead of a norm launch."""
+        rs = 1.0
+        if NORM:
+            ss = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+            for k in range(0, K, NORM_BLOCK):
+                offs = k + tl.arange(0, NORM_BLOCK)
+                r = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+                ss += r * r
+            rs = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        return rs
+
+    @triton.jit
+    def _clear(clr_ptr, CLR_N, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr):
+        """Zero this program's share of the clear vector (sparse_gemv_into's `clear`: the next
+        launch's fp32 output, already consumed); called after the prologue's wait."""
+        if HAS_CLEAR:
+            p = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            offs = p * CLR_BLOCK + tl.arange(0, CLR_BLOCK)
+            tl.store(clr_ptr + offs, tl.zeros([CLR_BLOCK], dtype=tl.float32), mask=offs < CLR_N)
+
+    @triton.jit
+    def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, nw_ptr, rs, SCAN: tl.constexpr,
+                 GLU: tl.constexpr, NORM: tl.constexpr):
         """Write the kept channels of x[k_lo:k_hi] (|x| > t) and their values to idx_ptr / xv_ptr
         in order; return how many. A kept channel's position is the number of kept channels
         before it: a prefix sum, SCAN channels at a time (8 per thread keeps the registers low),
         the next SCAN channels of x loaded before the current ones are summed."""
         count = k_lo * 0
         offs = k_lo + tl.arange(0, SCAN)
-        xs_next = _load_x(x_ptr, offs, offs < k_hi, K, GLU)
+        xs_next = _load_x(x_ptr, offs, offs < k_hi, K, nw_ptr, rs, GLU, NORM)
         for c in range(k_lo, k_hi, SCAN):
             inb = offs < k_hi
             xs = xs_next
-            xs_next = _load_x(x_ptr, offs + SCAN, offs + SCAN < k_hi, K, GLU)
+            xs_next = _load_x(x_ptr, offs + SCAN, offs + SCAN < k_hi, K, nw_ptr, rs, GLU, NORM)
             keep = _keep(xs, t) & inb
             ki = keep.to(tl.int32)
             pos = count + tl.cumsum(ki, axis=0) - 1
@@ -330,8 +403,9 @@ if HAVE_TRITON:
         return tl.load(idx_ptr + j, mask=v, other=0), tl.load(xv_ptr + j, mask=v, other=0.0), v
 
     @triton.jit
-    def _kept_list_kernel(x_ptr, thr_ptr, idx_ptr, xv_ptr, cnt_ptr, K, SLICE,
-                          SCAN: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
+    def _kept_list_kernel(x_ptr, thr_ptr, idx_ptr, xv_ptr, cnt_ptr, nw_ptr, eps, K, SLICE,
+                          SCAN: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
+                          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
         """Producer (PRODUCED=1 below): the kept-channel list of (segment, K slice) built once per
         launch instead of once per program; its count goes to cnt_ptr[seg * split_k + slice]."""
         if PDL:
@@ -340,22 +414,26 @@ if HAVE_TRITON:
         seg = tl.program_id(0)
         k_lo = tl.program_id(1) * SLICE
         base = seg * K + k_lo
+        rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
         count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, tl.load(thr_ptr + seg), k_lo,
-                         tl.minimum(k_lo + SLICE, K), K, SCAN, GLU)
+                         tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM)
         tl.store(cnt_ptr + seg * tl.num_programs(1) + tl.program_id(1), count)
 
     @triton.jit
     def _sparse_gemv_compact_kernel(
         x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr, idx_ptr, xv_ptr, lcnt_ptr,
+        nw_ptr, eps, clr_ptr, CLR_N,
         N, K, stride_wk, B1, B2, SLICE,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, PRODUCED: tl.constexpr,
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
-        GLU: tl.constexpr,
+        GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+        ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
+        _clear(clr_ptr, CLR_N, HAS_CLEAR, CLR_BLOCK)
         # 1. Threshold this program's slice of x and compact its kept channels into a list, at
         #    a place fixed by (segment, slice). The other programs of the same (segment, slice)
         #    write identical lists to the same place, so the overlapping writes are harmless and
@@ -366,8 +444,9 @@ if HAVE_TRITON:
         if PRODUCED:
             count = tl.load(lcnt_ptr + seg * tl.num_programs(1) + tl.program_id(1))
         else:
+            rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
-                             tl.minimum(k_lo + SLICE, K), K, SCAN, GLU)
+                             tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM)
         tl.debug_barrier()  # the list is complete before any thread reads it
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
@@ -413,7 +492,8 @@ if HAVE_TRITON:
             part = acc
         else:
             part = tl.sum(acc, axis=0)
-        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE)
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
+                  ACCUM)
 
 
 # Scratch (fp32 accumulator / partials, int32 arrival counters, the kept-channel lists), one
@@ -480,24 +560,29 @@ def _grid(N, K, block_n, block_k, progs_per_sm, device):
 
 
 def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg,
-            glu: bool = False) -> torch.Tensor:
+            glu: bool = False, out: Optional[torch.Tensor] = None, clear: Optional[torch.Tensor] = None,
+            norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """One token: x1 [K] contiguous -> y [N] in x1's dtype, with launch config `cfg` (a Config).
-    glu: x1 is [gate | up] (2K) and the input is silu(gate) * up, computed by the compacting
-    kernel as it reads x (the masked kernel gets it from glu_input first)."""
+    glu: x1 is [gate | up] (2K) and the input is silu(gate) * up, computed as the kernel reads x.
+    out: an fp32 [N] vector the product is added to (sparse_gemv_into), returned instead of a
+    new y; clear: an fp32 vector this launch zeroes; norm_weight: x1 is the residual stream and
+    the input is norm_input(x1, norm_weight, eps), computed as the kernel reads x."""
     K, N = wt.shape
     cfg = Config(*cfg)
-    if glu and not cfg.slice:
-        x1, glu = glu_input(x1), False
     block_n, block_k = _fit_block_n(cfg.block_n, cfg.block_k, splits)
     cfg = cfg._replace(block_n=min(block_n, triton.next_power_of_2(N)),
                        block_k=min(block_k, triton.next_power_of_2(K)))
-    y = torch.empty(N, dtype=x1.dtype, device=x1.device)
+    accum = out is not None
+    y = out if accum else torch.empty(N, dtype=x1.dtype, device=x1.device)
     bounds = list(splits[:-1])
     if any(b % cfg.block_n for b in bounds):  # segments not aligned to any usable block: one launch each
         start = 0
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
-            y[start:start + n] = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias, cfg, glu)
+            sub = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias, cfg, glu,
+                          y[start:start + n] if accum else None, clear if i == 0 else None, norm_weight, eps)
+            if not accum:
+                y[start:start + n] = sub
             start += n
         return y
     if len(bounds) > 2:
@@ -505,32 +590,42 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     b1 = bounds[0] if len(bounds) >= 1 else N
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
     pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda and _capability(x1.device) >= 9
+    norm = norm_weight is not None
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
                   HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
+                  GLU=glu, NORM=norm, NORM_BLOCK=min(triton.next_power_of_2(K), 2048), ACCUM=accum,
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
     bias_arg = bias if bias is not None else y
+    nw = norm_weight if norm else wt  # the dtype inputs are rounded to: the norm's, or the weights'
     grid_n = triton.cdiv(N, cfg.block_n)
     if cfg.slice:
         slice_ = min(cfg.slice, K)
         split_k = triton.cdiv(K, slice_)
+    else:
+        grid_n, split_k, iters = _grid(N, K, cfg.block_n, cfg.block_k, cfg.progs_per_sm, x1.device)
+    # clear: each of the grid's programs zeroes one CLR_BLOCK-long piece.
+    clr_n = 0 if clear is None else clear.numel()
+    clr = dict(HAS_CLEAR=clr_n > 0,
+               CLR_BLOCK=max(16, triton.next_power_of_2(triton.cdiv(max(clr_n, 1), grid_n * split_k))))
+    clr_arg = clear if clr_n else y
+    if cfg.slice:
         scan = _scan(cfg, slice_)
         acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n,
                                            3 * K + 3 * split_k)
         lcnt = idx[3 * K:]  # the producer's counts, after the lists
         if cfg.producer:
             _kept_list_kernel[(len(splits), split_k)](
-                x1, thr, idx, xv, lcnt, K, slice_, SCAN=scan, PDL=pdl, GLU=glu, num_warps=cfg.warps,
-                **({"launch_pdl": True} if pdl else {}))
+                x1, thr, idx, xv, lcnt, nw, eps, K, slice_, SCAN=scan, PDL=pdl, GLU=glu, NORM=norm,
+                NORM_BLOCK=common["NORM_BLOCK"], num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
-            x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt,
+            x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), GLU=glu, **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), **clr, **common)
         return y
-    grid_n, split_k, iters = _grid(N, K, cfg.block_n, cfg.block_k, cfg.progs_per_sm, x1.device)
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
-        x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt,
-        N, K, wt.stride(0), b1, b2, iters, **common)
+        x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, nw, eps, clr_arg, clr_n,
+        N, K, wt.stride(0), b1, b2, iters, **clr, **common)
     return y
 
 
@@ -566,7 +661,7 @@ def _sparse_gemv_impl(x, wt, thresholds, splits, bias, glu=False):
     rows = x.numel() // x.shape[-1] if K else 0
     if rows != 1 or not _use_triton(x) or wt.stride(1) != 1:
         if glu:
-            x = glu_input(x)
+            x = glu_input(x, wt.dtype)
         if rows == 1 or not x.is_cuda:
             return sparse_gemv_reference(x, wt, thresholds, splits, bias)
         # Several tokens: mask explicitly, then one dense product per segment (cuBLAS).
@@ -614,6 +709,67 @@ def sparse_gemv(x, wt, thresholds, splits=None, bias=None, glu=False):
         thresholds = thresholds.to(x.device)
     splits = list(_splits(splits, wt.shape[-1]))
     return _sparse_gemv_op(x, wt, thresholds, splits, bias, bool(glu))
+
+
+def _check_into(out, x, wt, clear, norm_weight, glu):
+    K, N = wt.shape
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape[-1] != N \
+            or out.numel() != x.numel() // x.shape[-1] * N:
+        raise ValueError(f"out must be a contiguous fp32 tensor of {x.numel() // x.shape[-1]} x {N} "
+                         f"values, got {out.dtype} {tuple(out.shape)}")
+    if glu and norm_weight is not None:
+        raise ValueError("glu and norm_weight exclude each other")
+    if norm_weight is not None and norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+    if clear is not None:
+        if clear.dtype != torch.float32 or not clear.is_contiguous():
+            raise ValueError("clear must be a contiguous fp32 tensor")
+        for name, t in (("out", out), ("x", x)):
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            c_lo = clear.data_ptr()
+            if clear.device == t.device and c_lo < hi and lo < c_lo + clear.numel() * 4:
+                raise ValueError(f"clear overlaps {name}: it is zeroed while the launch reads {name}")
+
+
+@torch.library.custom_op("teal_nb::sparse_gemv_into", mutates_args=("out", "clear"))
+def _sparse_gemv_into_op(out: torch.Tensor, x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
+                         splits: list[int], bias: Optional[torch.Tensor] = None, glu: bool = False,
+                         norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                         clear: Optional[torch.Tensor] = None) -> None:
+    from .tuning import config_for
+
+    rows = x.numel() // x.shape[-1]
+    if rows != 1 or not _use_triton(x) or wt.stride(1) != 1:
+        return sparse_gemv_into_reference(out, x, wt, thresholds, splits, bias, glu, norm_weight, eps, clear)
+    K, N = wt.shape
+    thr = thresholds.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
+    _launch(x.reshape(-1).contiguous(), wt, thr, splits, bias, config_for(N, K, wt.dtype), glu,
+            out.view(-1), None if clear is None else clear.view(-1), norm_weight, eps)
+
+
+def sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False, norm_weight=None,
+                     eps=1e-5, clear=None) -> None:
+    """out += (x masked by |x| > t per output segment) @ wt, summed in fp32 and not rounded.
+
+    The accumulating form of sparse_gemv, for a decoder that keeps its residual stream in fp32:
+    each program adds its partial sums into `out` with fp32 atomics and finishes, so there is no
+    split-K arrival counter and no last program re-reading the total (kernels/README.md, item
+    13). out: fp32 [..., N], contiguous (the residual stream for o and down; a zeroed buffer for
+    qkv and gate/up). x, wt, thresholds, splits, bias, glu: as in sparse_gemv (glu rounds
+    silu(gate) * up to wt's dtype). norm_weight: x is the residual stream and the input is
+    norm_input(x, norm_weight, eps), RMSNorm computed inside the kernel as it reads x.
+    clear: an fp32 tensor this launch zeroes (after the previous launch on the stream has
+    finished), e.g. the buffer that the next qkv or gate/up launch adds into; it must not overlap
+    out or x. Several rows of x: the reference, row by row.
+    """
+    if not torch.is_tensor(thresholds):
+        thresholds = torch.tensor(thresholds, dtype=torch.float32)
+    thresholds = thresholds.reshape(-1)
+    if thresholds.device != x.device:
+        thresholds = thresholds.to(x.device)
+    K, N, splits = _check(x, wt, thresholds, splits, glu)
+    _check_into(out, x, wt, clear, norm_weight, glu)
+    _sparse_gemv_into_op(out, x, wt, thresholds, list(splits), bias, bool(glu), norm_weight, float(eps), clear)
 
 
 def prepare_weight(w) -> torch.Tensor:
