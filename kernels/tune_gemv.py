@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from teal_nb.kernels.bench import SHAPES, ShapeBench, provenance
+from teal_nb.kernels.bench import DTYPES, SHAPES, ShapeBench, provenance
 
 SPARS = (0.0, 0.5, 0.8)
 WEIGHTS = {0.0: 1.0, 0.5: 2.0, 0.8: 0.5}
@@ -52,9 +52,34 @@ SWEEP9 = {
 }
 
 
-def configs(shape, K):
-    """Sweep 9's candidates (sweeps 5-8: kernels/README.md), all with PDL."""
-    return [compact(*c, pdl=1) for c in SWEEP9.get(shape, [])]
+# Sweep 10 (sparse_gemv_into, both dtypes): the accumulating kernel needs 89 registers where the
+# counter's needed 104 (ptxas, 8 x 1024 tile, 4 warps), and ptxas then issued the next tile's last
+# W rows later in the loop; bf16 lost 10-30% on the SUM_ROWS shapes, as fp16 had in sweep 9.
+# So: 2 tiles in flight, with ptxas capped at 128 registers (139 uncapped: 3 programs per SM, 4
+# with the cap, no spills in bf16, 12 bytes in fp16), and fp16 with and without SUM_ROWS.
+# Fields: BLOCK_N, BLOCK_K, warps, slice, depth, maxnreg, sum_rows (-1: the dtype's default).
+SWEEP10 = {
+    "qkv_fused": [(1024, 8, 4, 96, 1, 0, -1), (1024, 8, 4, 96, 2, 128, 1), (1024, 8, 4, 128, 2, 128, 1),
+                  (512, 8, 2, 64, 2, 128, 1), (512, 8, 2, 128, 2, 128, 1), (512, 16, 4, 192, 1, 0, 0),
+                  (512, 16, 4, 192, 2, 0, 0)],
+    "q|o": [(512, 8, 2, 64, 1, 0, -1), (512, 8, 2, 64, 2, 128, 1), (512, 8, 2, 96, 2, 128, 1),
+            (1024, 8, 4, 64, 2, 128, 1), (512, 16, 4, 128, 1, 0, 0), (512, 16, 4, 128, 2, 0, 0)],
+    "k|v": [(128, 32, 4, 128, 1, 0, -1), (128, 32, 4, 64, 1, 0, -1), (256, 16, 4, 128, 1, 0, -1),
+            (512, 8, 2, 64, 2, 128, 1), (256, 8, 1, 64, 2, 0, 1)],
+    "gate_up_fused": [(1024, 8, 4, 296, 2, 0, -1), (1024, 8, 4, 296, 2, 128, 1), (1024, 8, 4, 216, 2, 128, 1),
+                      (1024, 8, 4, 456, 1, 0, 0), (1024, 8, 4, 456, 2, 128, 1)],
+    "gate|up": [(512, 16, 4, 456, 1, 0, -1), (1024, 8, 4, 216, 2, 128, 1), (1024, 8, 4, 152, 2, 128, 1),
+                (512, 8, 2, 296, 2, 128, 1), (512, 16, 4, 456, 2, 0, 0)],
+    "down": [(1024, 8, 4, 112, 1, 0, -1), (1024, 8, 4, 112, 2, 128, 1), (1024, 8, 4, 152, 2, 128, 1),
+             (1024, 8, 4, 224, 2, 128, 1), (1024, 8, 4, 224, 1, 0, 0), (1024, 8, 4, 224, 2, 0, 0)],
+}
+
+
+def configs(shape, K, sweep=10):
+    """The sweep's candidates (sweeps 5-9: kernels/README.md), all with PDL."""
+    if sweep == 9:
+        return [compact(*c, pdl=1) for c in SWEEP9.get(shape, [])]
+    return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r) for bn, bk, w, sl, d, m, r in SWEEP10.get(shape, [])]
 
 
 def variants(cfg):
@@ -74,26 +99,30 @@ def choose(raw):
     """Best config per shape (PDL allowed since sweep 8: the wrong result blamed on it in sweep 6
     was the layout race fixed in item 9 of kernels/README.md)."""
     best = {}
-    for shape in dict.fromkeys(r["shape"] for r in raw):
-        rows = [r for r in raw if r["shape"] == shape]
+    for dt, shape in dict.fromkeys((r.get("dtype", "bf16"), r["shape"]) for r in raw):
+        rows = [r for r in raw if r["shape"] == shape and r.get("dtype", "bf16") == dt]
         f = score(rows)
         b = min(rows, key=f)
-        best[shape] = dict(N=b["N"], K=b["K"], cfg=b["cfg"], us=b["us"], score=round(f(b), 4),
-                           dense_us=b["dense_us"], rel_err=b["rel_err"])
+        best[f"{dt}:{shape}"] = dict(dtype=dt, N=b["N"], K=b["K"], cfg=b["cfg"], us=b["us"], score=round(f(b), 4),
+                                     dense_us=b["dense_us"], rel_err=b["rel_err"])
     return best
 
 
 def time_cfg(sb, thr, cfg, shape, N, K, dense, a):
     try:
-        us = {str(s): sb.sparse_us(thr[s], cfg=cfg, n_calls=a.n_calls, reps=a.reps) for s in SPARS}
-        err, _ = sb.accuracy(thr[0.5], cfg=cfg)
+        if a.accum:  # sparse_gemv_into, as the decoder calls it
+            us = {str(s): sb.accum_us(thr[s], cfg=cfg, n_calls=a.n_calls, reps=a.reps) for s in SPARS}
+            err = sb.accum_error(thr[0.5], cfg=cfg)
+        else:
+            us = {str(s): sb.sparse_us(thr[s], cfg=cfg, n_calls=a.n_calls, reps=a.reps) for s in SPARS}
+            err, _ = sb.accuracy(thr[0.5], cfg=cfg)
     except Exception as e:  # a config that fails to compile or launch is skipped
         print(f"{shape} {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
         return None
     if not err < 2e-2:
         print(f"{shape} {cfg}: WRONG rel_err={err}", file=sys.stderr, flush=True)
         return None
-    return dict(shape=shape, N=N, K=K, cfg=list(cfg), us=us, dense_us=dense, rel_err=err)
+    return dict(shape=shape, dtype=a.dtype, N=N, K=K, cfg=list(cfg), us=us, dense_us=dense, rel_err=err)
 
 
 def main():
@@ -103,19 +132,22 @@ def main():
     ap.add_argument("--n-calls", type=int, default=100)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this")
+    ap.add_argument("--dtypes", nargs="*", default=["bf16"], choices=["bf16", "fp16"])
+    ap.add_argument("--sweep", type=int, default=10, choices=[9, 10], help="candidate list")
+    ap.add_argument("--accum", action="store_true", help="time sparse_gemv_into (the decoder's form)")
     ap.add_argument("--variants", action="store_true",
                     help="also time the 3 best of each shape with PDL and with the producer kernel")
     a = ap.parse_args()
     raw, t0 = [], time.time()
-    for shape in a.shapes:
+    for a.dtype, shape in [(d, s) for d in a.dtypes for s in a.shapes]:
         if time.time() - t0 > a.budget_s:
-            print(f"budget spent: {shape} not tuned", flush=True)
+            print(f"budget spent: {a.dtype} {shape} not tuned", flush=True)
             continue
         N, K, splits = SHAPES[shape]
-        sb = ShapeBench(N, K, splits, torch.bfloat16)
+        sb = ShapeBench(N, K, splits, DTYPES[a.dtype])
         dense = sb.dense_us(n_calls=a.n_calls, reps=a.reps)
         thr = {s: sb.thresholds(s) for s in SPARS}
-        rows = [r for c in configs(shape, K) if (r := time_cfg(sb, thr, c, shape, N, K, dense, a))]
+        rows = [r for c in configs(shape, K, a.sweep) if (r := time_cfg(sb, thr, c, shape, N, K, dense, a))]
         if a.variants:
             top = sorted(rows, key=score(rows))[:3]
             rows += [r for t in top for c in variants(t["cfg"])
@@ -124,16 +156,19 @@ def main():
         del sb
         torch.cuda.empty_cache()
         b = min(rows, key=score(rows))
-        print(f"{shape}: {time.time() - t0:.0f}s dense {dense:.2f} best {b['cfg']} " +
+        print(f"{a.dtype} {shape}: {time.time() - t0:.0f}s dense {dense:.2f} best {b['cfg']} " +
               " ".join(f"s={s}: {b['us'][str(s)]:.2f}" for s in SPARS), flush=True)
         json.dump(dict(partial=True, raw=raw), open(a.out, "w"))
     best = choose(raw)
     json.dump(dict(provenance=provenance(" ".join(sys.argv)), sparsities=SPARS, weights=WEIGHTS,
                    best=best, raw=raw), open(a.out, "w"), indent=1)
+    print("\nevery candidate: microseconds at s = " + " / ".join(map(str, SPARS)))
+    for r in raw:
+        print(f"{r['dtype']} {r['shape']:14s} {str(r['cfg']):52s} " + " ".join(f"{r['us'][str(s)]:6.2f}" for s in SPARS))
     print("\nper shape: speedup over cuBLAS of the best config, and of the best with PDL / producer")
-    for shape, b in best.items():
-        rows = [r for r in raw if r["shape"] == shape]
-        line = f"{shape:14s} {str(b['cfg']):42s} " + " ".join(
+    for key, b in best.items():
+        rows = [r for r in raw if r["shape"] == key.split(":")[1] and r["dtype"] == b["dtype"]]
+        line = f"{key:20s} {str(b['cfg']):52s} " + " ".join(
             f"{b['dense_us'] / b['us'][str(s)]:5.2f}" for s in SPARS)
         for label, pick in (("nopdl", lambda c: len(c) < 8 or not c[7]),
                             ("pdl", lambda c: len(c) >= 8 and c[7] == 1),

@@ -30,9 +30,11 @@ def run(args):
     from teal_nb.kernels import bench, tuning
 
     if args.tune_table:
-        best = json.load(open(args.tune_table))["best"]
-        tuning.TABLE.update({(b["N"], b["K"]): tuple(b["cfg"]) for b in best.values()})
-        tuning.FP16.clear()  # a sweep's choice holds for every dtype
+        best = json.load(open(args.tune_table))["best"].values()
+        if not any("dtype" in b for b in best):
+            tuning.FP16.clear()  # a sweep of one dtype: its choice holds for every dtype
+        tuning.TABLE.update({(b["N"], b["K"]): tuple(b["cfg"]) for b in best if b.get("dtype", "bf16") == "bf16"})
+        tuning.FP16.update({(b["N"], b["K"]): tuple(b["cfg"]) for b in best if b.get("dtype") == "fp16"})
     shapes = args.shapes or list(bench.SHAPES)
     unknown = [s for s in shapes if s not in bench.SHAPES]
     if unknown:

@@ -122,25 +122,35 @@ class ShapeBench:
             calls = [lambda wt=wt: _launch(x1, wt, thr, splits, None, cfg) for wt in self.wt]
         return graph_us(calls, **kw)
 
-    def accum_us(self, thr, **kw):
+    def accum_us(self, thr, cfg=None, **kw):
         """sparse_gemv_into, as a decoder with an fp32 residual stream calls it: each call adds into
-        one fp32 vector and zeroes the next call's (so the clearing is paid for, as in the decoder)."""
-        from .gemv import sparse_gemv_into
+        one fp32 vector and zeroes the next call's (so the clearing is paid for, as in the decoder).
+        cfg: a launch config instead of the package's."""
+        from .gemv import _launch, sparse_gemv_into
 
         x, splits = self.x, self.splits
         outs = [torch.zeros(self.N, dtype=torch.float32, device="cuda") for _ in range(2)]
-        calls = [lambda i=i, wt=wt: sparse_gemv_into(outs[i % 2], x, wt, thr, splits, clear=outs[(i + 1) % 2])
-                 for i, wt in enumerate(self.wt[:len(self.wt) // 2 * 2])]
+        wts = self.wt[:len(self.wt) // 2 * 2]
+        if cfg is None:
+            calls = [lambda i=i, wt=wt: sparse_gemv_into(outs[i % 2], x, wt, thr, splits, clear=outs[(i + 1) % 2])
+                     for i, wt in enumerate(wts)]
+        else:
+            x1 = x.reshape(-1)
+            calls = [lambda i=i, wt=wt: _launch(x1, wt, thr, splits, None, cfg, out=outs[i % 2],
+                                                clear=outs[(i + 1) % 2]) for i, wt in enumerate(wts)]
         return graph_us(calls, **kw)
 
-    def accum_error(self, thr):
+    def accum_error(self, thr, cfg=None):
         """rel_err of sparse_gemv_into (fp32 output, from zero) against the fp32 reference."""
-        from .gemv import sparse_gemv_into, sparse_gemv_reference
+        from .gemv import _launch, sparse_gemv_into, sparse_gemv_reference
 
         x, wt = self.x, self.wt[0]
         ref = sparse_gemv_reference(x.float(), wt, thr, self.splits).double()
         out = torch.zeros(1, self.N, dtype=torch.float32, device="cuda")
-        sparse_gemv_into(out, x, wt, thr, self.splits)
+        if cfg is None:
+            sparse_gemv_into(out, x, wt, thr, self.splits)
+        else:
+            _launch(x.reshape(-1), wt, thr, self.splits, None, cfg, out=out.view(-1))
         return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
     def thresholds(self, s):

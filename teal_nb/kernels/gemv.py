@@ -179,6 +179,8 @@ class Config(NamedTuple):
     pdl: int = 0
     scan: int = 0  # compacting: channels per prefix-sum step (0: 8 per thread)
     producer: int = 0  # compacting: 1 = a small kernel builds the kept list once per launch
+    maxnreg: int = 0  # ptxas's register cap per thread (0: none); 128 keeps 4 programs of 4 warps per SM
+    sum_rows: int = -1  # compacting: 1-D accumulator; -1 the dtype's default (_rows_per_thread), 0 off, 1 on
 
 
 if HAVE_TRITON:
@@ -594,7 +596,8 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
                   HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
                   GLU=glu, NORM=norm, NORM_BLOCK=min(triton.next_power_of_2(K), 2048), ACCUM=accum,
-                  num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+                  num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}),
+                  **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x1.is_cuda else {}))
     bias_arg = bias if bias is not None else y
     nw = norm_weight if norm else wt  # the dtype inputs are rounded to: the norm's, or the weights'
     grid_n = triton.cdiv(N, cfg.block_n)
@@ -637,17 +640,18 @@ def _scan(cfg: Config, slice_: int) -> int:
 
 def _rows_per_thread(cfg: Config, dtype: torch.dtype) -> bool:
     """SUM_ROWS: sum each tile's rows as they arrive into a [BLOCK_N] accumulator instead of
-    keeping a [BLOCK_K, BLOCK_N] tile of fp32 partial sums. Chosen when Triton's layout gives each
-    thread whole columns of the tile (16-byte vectors along N, all threads and warps along N:
+    keeping a [BLOCK_K, BLOCK_N] tile of fp32 partial sums. Possible when Triton's layout gives
+    each thread whole columns of the tile (16-byte vectors along N, all threads and warps along N:
     the sum stays in registers; otherwise it would cross warps through shared memory every
     step). It saves registers: 104 instead of 167 for (1024 columns, 8 rows, 4 warps), 143
     instead of 239 with 2 tiles in flight (ptxas, sm_90a), so more programs fit per SM.
-    Not in fp16: there the same configs ran 10-20% slower than in bf16 on the H200 (down at 50%:
-    1.36x against 1.75x; the PTX is the same but for the conversion instruction; not explained),
-    and fp16 keeps sweep 8's kernel and configs (tuning.FP16, kernels/README.md item 12)."""
-    if dtype == torch.float16:
-        return False
-    return cfg.block_n >= (16 // dtype.itemsize) * 32 * cfg.warps
+    cfg.sum_rows = 1 / 0 asks for it or not; -1 (default) takes it in bf16 and fp32 but not in
+    fp16, where sweep 9's configs ran 10-20% slower than in bf16 on the H200 (down at 50%: 1.36x
+    against 1.75x; kernels/README.md items 12-13)."""
+    layout_ok = cfg.block_n >= (16 // dtype.itemsize) * 32 * cfg.warps
+    if cfg.sum_rows >= 0:
+        return bool(cfg.sum_rows) and layout_ok
+    return dtype != torch.float16 and layout_ok
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -724,18 +728,20 @@ def _check_into(out, x, wt, clear, norm_weight, glu):
     if clear is not None:
         if clear.dtype != torch.float32 or not clear.is_contiguous():
             raise ValueError("clear must be a contiguous fp32 tensor")
-        for name, t in (("out", out), ("x", x)):
+        # (Addresses are not known while torch.compile traces: checked on eager calls.)
+        for name, t in (() if torch.compiler.is_compiling() else (("out", out), ("x", x))):
             lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
             c_lo = clear.data_ptr()
             if clear.device == t.device and c_lo < hi and lo < c_lo + clear.numel() * 4:
                 raise ValueError(f"clear overlaps {name}: it is zeroed while the launch reads {name}")
 
 
+# Every argument positional, none defaulted: torch 2.11 drops trailing arguments equal to their
+# defaults before bumping the version counters of the mutated ones, and `clear` went missing.
 @torch.library.custom_op("teal_nb::sparse_gemv_into", mutates_args=("out", "clear"))
-def _sparse_gemv_into_op(out: torch.Tensor, x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
-                         splits: list[int], bias: Optional[torch.Tensor] = None, glu: bool = False,
-                         norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
-                         clear: Optional[torch.Tensor] = None) -> None:
+def _sparse_gemv_into_op(out: torch.Tensor, clear: Optional[torch.Tensor], x: torch.Tensor, wt: torch.Tensor,
+                         thresholds: torch.Tensor, splits: list[int], bias: Optional[torch.Tensor],
+                         glu: bool, norm_weight: Optional[torch.Tensor], eps: float) -> None:
     from .tuning import config_for
 
     rows = x.numel() // x.shape[-1]
@@ -769,7 +775,7 @@ def sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False, 
         thresholds = thresholds.to(x.device)
     K, N, splits = _check(x, wt, thresholds, splits, glu)
     _check_into(out, x, wt, clear, norm_weight, glu)
-    _sparse_gemv_into_op(out, x, wt, thresholds, list(splits), bias, bool(glu), norm_weight, float(eps), clear)
+    _sparse_gemv_into_op(out, clear, x, wt, thresholds, list(splits), bias, bool(glu), norm_weight, float(eps))
 
 
 def prepare_weight(w) -> torch.Tensor:

@@ -19,7 +19,7 @@ import tempfile
 
 # Per-SM limits of Hopper (sm_90) and Ampere's A100 (sm_80) alike: registers, warps, blocks.
 SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32
-POINTER_TYPES = {"thr_ptr": "fp32", "acc_ptr": "fp32", "xv_ptr": "fp32",
+POINTER_TYPES = {"thr_ptr": "fp32", "acc_ptr": "fp32", "xv_ptr": "fp32", "clr_ptr": "fp32",
                  "cnt_ptr": "i32", "idx_ptr": "i32", "lcnt_ptr": "i32"}
 
 
@@ -32,12 +32,16 @@ def programs_per_sm(registers: int, warps: int) -> int:
 
 def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth: int = 1,
                      sum_rows: bool | None = None, dtype: str = "bf16", arch: int = 90,
-                     glu: bool = False) -> dict:
+                     glu: bool = False, accum: bool = False, clear: bool = False,
+                     norm: bool = False, k: int = 4096, maxnreg: int | None = None) -> dict:
     """ptxas's report for `_sparse_gemv_compact_kernel` with this launch config, for sm_<arch>
     (90: the H200's sm_90a; 80: an A100).
 
     sum_rows=None takes the launcher's own choice (gemv._rows_per_thread) for this config and
-    dtype. Integer arguments get the JIT's divisibility-by-16 hint, as in a real launch."""
+    dtype. Integer arguments get the JIT's divisibility-by-16 hint, as in a real launch.
+    accum / clear / norm: sparse_gemv_into's variants (fp32 output added to, a buffer zeroed, the
+    RMSNorm of a residual stream of k entries computed inside). maxnreg: ptxas's register cap
+    (Config.maxnreg)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -55,20 +59,26 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     kernel = gemv._sparse_gemv_compact_kernel
     constexprs = dict(BLOCK_N=block_n, BLOCK_K=block_k, SCAN=gemv._scan(cfg, slice_),
                       PRODUCED=False, REDUCE=0, HAS_BIAS=False, EVEN_N=True, DEPTH=depth, PDL=arch >= 90,
-                      FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu)
+                      FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu, NORM=norm,
+                      NORM_BLOCK=min(triton.next_power_of_2(k), 2048), ACCUM=accum, HAS_CLEAR=clear,
+                      CLR_BLOCK=32)
+    types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}), **({"x_ptr": "fp32"} if norm else {}))
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + POINTER_TYPES.get(name, dtype)
+            signature[name] = "*" + types.get(name, dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "eps":
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name != "SLICE":
+            if name not in ("SLICE", "CLR_N"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {})))
     gpu = f"sm_{arch}" + ("a" if arch >= 90 else "")  # the arch-specific variant (wgmma, setmaxnreg) exists from sm_90
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
@@ -78,7 +88,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     registers = int(re.search(r"Used (\d+) registers", out).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
     return dict(block_n=block_n, block_k=block_k, warps=warps, slice=slice_, depth=depth, dtype=dtype,
-                sum_rows=bool(sum_rows), glu=glu, arch=gpu, registers=registers, spill_bytes=spills,
+                sum_rows=bool(sum_rows), glu=glu, accum=accum, clear=clear, norm=norm, arch=gpu, registers=registers, spill_bytes=spills,
                 programs_per_sm=programs_per_sm(registers, warps))
 
 
@@ -93,9 +103,13 @@ def main(argv=None) -> None:
     ap.add_argument("--sum-rows", dest="sum_rows", action="store_true", default=None)
     ap.add_argument("--no-sum-rows", dest="sum_rows", action="store_false")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--maxnreg", type=int, default=None, help="ptxas's register cap")
+    for flag in ("glu", "accum", "clear", "norm"):
+        ap.add_argument(f"--{flag}", action="store_true", help=f"the {flag} variant (see kernel_resources)")
     a = ap.parse_args(argv)
     print(json.dumps(kernel_resources(a.block_n, a.block_k, a.warps, a.slice, a.depth, a.sum_rows,
-                                      a.dtype, a.arch)))
+                                      a.dtype, a.arch, a.glu, a.accum, a.clear, a.norm,
+                                      maxnreg=a.maxnreg)))
 
 
 if __name__ == "__main__":
