@@ -749,7 +749,7 @@ def _sparse_gemv_into_op(out: torch.Tensor, clear: Optional[torch.Tensor], x: to
         return sparse_gemv_into_reference(out, x, wt, thresholds, splits, bias, glu, norm_weight, eps, clear)
     K, N = wt.shape
     thr = thresholds.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
-    _launch(x.reshape(-1).contiguous(), wt, thr, splits, bias, config_for(N, K, wt.dtype), glu,
+    _launch(x.reshape(-1).contiguous(), wt, thr, splits, bias, config_for(N, K, wt.dtype, accum=True), glu,
             out.view(-1), None if clear is None else clear.view(-1), norm_weight, eps)
 
 
@@ -791,8 +791,9 @@ def prepare_weight(w) -> torch.Tensor:
         from .tuning import config_for
 
         K, N = wt.shape
-        cfg = Config(*config_for(N, K, wt.dtype))
-        split_k = triton.cdiv(K, min(cfg.slice, K)) if cfg.slice else triton.cdiv(K, min(cfg.block_k, K))
-        _scratch(wt.device, N, N * split_k if cfg.reduce else 0, triton.cdiv(N, 16),
-                 3 * K + 3 * split_k)
+        for accum in (False, True):  # sparse_gemv's config and sparse_gemv_into's
+            cfg = Config(*config_for(N, K, wt.dtype, accum))
+            split_k = triton.cdiv(K, min(cfg.slice, K)) if cfg.slice else triton.cdiv(K, min(cfg.block_k, K))
+            _scratch(wt.device, N, N * split_k if cfg.reduce else 0, triton.cdiv(N, 16),
+                     3 * K + 3 * split_k)
     return wt

@@ -54,9 +54,27 @@ FP16: dict[tuple[int, int], tuple[int, ...]] = {
 }
 
 
-def config_for(N: int, K: int, dtype=None) -> tuple[int, ...]:
+# sparse_gemv_into (the accumulating kernel the decoder runs): sweep 10
+# (kernels/results/h200/gemv_tune_v10_accum.json, both dtypes). Without the arrival counter the
+# SUM_ROWS kernel needs 89 registers instead of 104, ptxas issues the next tile's last W rows
+# later, and it lost 10-30% (bf16 q|o at 50%: 8.70 us with it, fp16 7.00 without); two tiles in
+# flight capped at 128 registers won back part of it only. So the 2-D accumulator for every
+# shape, with fp16's winners in both dtypes (kernels/README.md, item 13).
+ACCUM: dict[tuple[int, int], tuple[int, ...]] = {
+    (6144, 4096): (1024, 8, 4, 0, 0, 96, 1, 1, 0, 0, 0, 0),  # qkv_fused
+    (4096, 4096): (512, 8, 2, 0, 0, 64, 1, 1, 0, 0, 0, 0),  # q|o
+    (1024, 4096): (128, 32, 4, 0, 0, 128, 1, 1, 0, 0, 0, 0),  # k|v
+    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1, 1, 0, 0, 0, 0),  # gate_up_fused
+    (14336, 4096): (512, 16, 4, 0, 0, 456, 1, 1, 0, 0, 0, 0),  # gate|up
+    (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1, 0, 0, 0, 0),  # down
+}
+
+
+def config_for(N: int, K: int, dtype=None, accum: bool = False) -> tuple[int, ...]:
     """The launch config for an [N, K] projection; `dtype` (a torch dtype or its name) picks the
-    fp16 entries where they differ."""
+    fp16 entries where they differ, `accum` the accumulating kernel's (sparse_gemv_into)."""
+    if accum and (N, K) in ACCUM:
+        return ACCUM[(N, K)]
     if dtype is not None and str(dtype).removeprefix("torch.") == "float16" and (N, K) in FP16:
         return FP16[(N, K)]
     return TABLE.get((N, K)) or default_config(N, K)
