@@ -19,6 +19,14 @@ Backends for the seven projections (lm_head always dense):
 
 Decode steps (one new token) are sparse; the prompt (prefill) follows a stated protocol:
 "none" (dense, the default, as in TEAL's speed numbers), "last_half" or "all".
+
+The fused step (`fused_step`, on by default): when all four projections of a one-token step run
+through the kernels (backend "triton", or "dense" with every projection in `dense_triton`) and
+attention is the fused kernel, the step keeps its residual stream in fp32 and calls
+`sparse_gemv_into`: qkv and gate/up compute their RMSNorm as they read the stream, o and down add
+into it (no residual add, no norm kernel, no split-K tail), down computes SiLU x up from the
+gate/up buffer. Five launches per layer instead of nine; the residual is rounded less often than
+HF's bf16 one, so logits differ from the unfused step by bf16 rounding (tests: within 2e-2).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SITES, Preset, check_prefill, get_preset
+from .kernels.gemv import norm_input
 
 BACKENDS = ("dense", "torch", "triton")
 # The four projections of a block, the sites (columns of SITES) each one's output segments hold.
@@ -184,6 +193,9 @@ class Decoder(nn.Module):
         # then takes the gate/up output and computes SiLU x up itself, one launch less per layer.
         self.dense_triton: set[str] = set()
         self.register_buffer("keep_all", torch.full((3,), -1.0, device=device), persistent=False)
+        # One-token steps through sparse_gemv_into with the norms and residual adds inside the
+        # kernels, when every projection runs through them (see the module's docstring).
+        self.fused_step = True
         # Greedy argmax over the vocabulary in two reductions (chunks of this size, then the
         # chunks' maxima): one reduction over Llama-3's 128K logits ran as a single program.
         self.argmax_chunk = _argmax_chunk(cfg.vocab)
@@ -350,10 +362,7 @@ class Decoder(nn.Module):
             return F.linear(x, w, bias)
         t = self.keep_thresholds(proj) if dense else self.thresholds[li, cols[0]:cols[-1] + 1]
         if self.count and not dense and not torch.compiler.is_compiling():
-            xs = x[:, sparse_rows].float().abs().reshape(-1, 1)
-            st = self.stats[li, cols[0]:cols[-1] + 1]  # a view: the counts land in self.stats
-            st[:, 0] += (xs <= t[None, :]).sum(0)
-            st[:, 1] += xs.numel()
+            self._count_zeros(x[:, sparse_rows], li, proj, t)
         if kernel:
             from .kernels import sparse_gemv
 
@@ -372,6 +381,15 @@ class Decoder(nn.Module):
             outs.append(F.linear(xm, w[start:start + n], None if bias is None else bias[start:start + n]))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _count_zeros(self, x: torch.Tensor, li: int, proj: str, t: torch.Tensor) -> None:
+        """Add the entries of x (a projection's input) at or under each segment's threshold to
+        self.stats (eager runs with `count` on)."""
+        cols = PROJ_SITES[proj]
+        xs = x.float().abs().reshape(-1, 1)
+        st = self.stats[li, cols[0]:cols[-1] + 1]  # a view: the counts land in self.stats
+        st[:, 0] += (xs <= t[None, :]).sum(0)
+        st[:, 1] += xs.numel()
 
     def keep_thresholds(self, proj: str) -> torch.Tensor:
         """One negative threshold per output segment of `proj`: the kernel keeps every channel."""
@@ -431,10 +449,60 @@ class Decoder(nn.Module):
             return slice(t // 2, None)
         return None
 
+    def uses_fused_step(self, tokens: torch.Tensor) -> bool:
+        """Whether a step on `tokens` runs _forward_fused: one token, batch 1, every projection
+        through the kernels, the fused attention kernel, and no inputs to record (calibration
+        records them on the unfused step; counting works on both)."""
+        if not self.fused_step or tuple(tokens.shape) != (1, 1) or self.record is not None:
+            return False
+        kernels = self.backend == "triton" or (self.backend == "dense" and self.dense_triton >= set(PROJ_SITES))
+        return kernels and self.layers[0].prepared and self._fused_attention()
+
+    def _forward_fused(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One token (see uses_fused_step), logits [1, V]. The residual stream r is fp32; qkv and
+        gate/up add into zeroed fp32 buffers: o clears qkv's once attention has read it, the next
+        layer's qkv clears gate/up's once down has read it, so nothing is zeroed by a launch of
+        its own (two fills per step, for the first layer)."""
+        from .decode_attention import decode_attention
+        from .kernels import sparse_gemv_into
+
+        from .kernels import glu_input
+
+        cfg = self.cfg
+        dense = self.backend == "dense"
+        # Realized sparsity on this step: the kernels never materialize their inputs, so an eager
+        # counting run computes them beside (their torch twins: norm_input, glu_input).
+        count = self.count and not dense and not torch.compiler.is_compiling()
+
+        def thr(li, proj, x=None):
+            cols = PROJ_SITES[proj]
+            t = self.keep_thresholds(proj) if dense else self.thresholds[li, cols[0]:cols[-1] + 1]
+            if count:
+                self._count_zeros(x(), li, proj, t)
+            return t
+
+        r = F.embedding(tokens, self.embed).float().view(1, cfg.hidden)
+        qkv = torch.zeros(1, cfg.proj_shape("qkv")[0], device=r.device)
+        gu = torch.zeros(1, 2 * cfg.intermediate, device=r.device)
+        eps = cfg.norm_eps
+        for li, blk in enumerate(self.layers):
+            sparse_gemv_into(qkv, r, blk.qkv_t, thr(li, "qkv", lambda: norm_input(r, blk.attn_norm, eps)),
+                             self._splits("qkv"), blk.qkv_bias, norm_weight=blk.attn_norm, eps=eps, clear=gu)
+            y = decode_attention(qkv.view(1, 1, -1), self.cos, self.sin, input_pos, blk.k_cache, blk.v_cache,
+                                 cfg.n_heads, 1.0 / math.sqrt(cfg.head_dim)).view(1, -1)
+            sparse_gemv_into(r, y, blk.o_t, thr(li, "o", lambda: y), clear=qkv)
+            sparse_gemv_into(gu, r, blk.gate_up_t, thr(li, "gate_up", lambda: norm_input(r, blk.mlp_norm, eps)),
+                             self._splits("gate_up"), norm_weight=blk.mlp_norm, eps=eps)
+            sparse_gemv_into(r, gu, blk.down_t, thr(li, "down", lambda: glu_input(gu, self.dtype)), glu=True)
+        return F.linear(norm_input(r, self.norm, cfg.norm_eps), self.lm_head)
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Logits of the last position [B, V] (or of every position [B, T, V]) for tokens [B, T]
         at positions input_pos [T]; writes their keys and values into the cache."""
         cfg = self.cfg
+        if self.uses_fused_step(tokens):
+            logits = self._forward_fused(tokens, input_pos)
+            return logits.view(1, 1, -1) if all_logits else logits
         sparse_rows = self._sparse_rows(tokens.shape[1])
         h = F.embedding(tokens, self.embed)
         for li, blk in enumerate(self.layers):

@@ -55,13 +55,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float):
     """Pure torch, the kernel's function (fp32 math, q/k rounded to the cache dtype): writes
-    k_cache/v_cache [B, Hkv, S, D] at `pos` and returns y [B, 1, n_heads * D] in qkv's dtype."""
+    k_cache/v_cache [B, Hkv, S, D] at `pos` and returns y [B, 1, n_heads * D] in the cache's dtype
+    (the model's: qkv may be an fp32 accumulator, sparse_gemv_into's)."""
     b, hkv, _, d = k_cache.shape
     q_size, kv_size = n_heads * d, hkv * d
     p = int(pos.reshape(-1)[0])
     x = qkv.reshape(b, -1).float()
     c, s = cos[p].float(), sin[p].float()
-    q = _rope(x[:, :q_size].view(b, n_heads, d), c, s).to(qkv.dtype).float()
+    q = _rope(x[:, :q_size].view(b, n_heads, d), c, s).to(k_cache.dtype).float()
     k = _rope(x[:, q_size:q_size + kv_size].view(b, hkv, d), c, s).to(k_cache.dtype)
     v = x[:, q_size + kv_size:].view(b, hkv, d).to(v_cache.dtype)
     k_cache[:, :, p] = k
@@ -71,7 +72,7 @@ def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: in
     vv = v_cache[:, :, :p + 1].float().repeat_interleave(g, dim=1)
     att = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, kk) * scale, dim=-1)
     y = torch.einsum("bhs,bhsd->bhd", att, vv)
-    return y.reshape(b, 1, q_size).to(qkv.dtype)
+    return y.reshape(b, 1, q_size).to(k_cache.dtype)
 
 
 if HAVE_TRITON:
@@ -237,7 +238,7 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
     b, hkv, _, d = k_cache.shape
     if b != 1 or qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
         return decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)
-    y = torch.empty(1, 1, n_heads * d, dtype=qkv.dtype, device=qkv.device)
+    y = torch.empty(1, 1, n_heads * d, dtype=k_cache.dtype, device=qkv.device)
     s_max = k_cache.shape[2]
     block_s, warps, split = launch_config(d, s_max)
     if split:
@@ -261,14 +262,15 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
 @torch.library.custom_op("teal_nb::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, scale: float) -> torch.Tensor:
-    """qkv [B, 1, (n_heads + 2 Hkv) D] (the fused projection's output), RoPE tables [S, D],
-    pos [1] (int), caches [B, Hkv, S, D] written at pos -> attention output [B, 1, n_heads D]."""
+    """qkv [B, 1, (n_heads + 2 Hkv) D] (the fused projection's output, in the model's dtype or
+    fp32), RoPE tables [S, D], pos [1] (int), caches [B, Hkv, S, D] written at pos -> attention
+    output [B, 1, n_heads D] in the caches' dtype."""
     return _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)
 
 
 @decode_attention.register_fake
 def _(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale):
-    return qkv.new_empty(k_cache.shape[0], 1, n_heads * k_cache.shape[-1])
+    return qkv.new_empty(k_cache.shape[0], 1, n_heads * k_cache.shape[-1], dtype=k_cache.dtype)
 
 
 def default_scale(head_dim: int) -> float:

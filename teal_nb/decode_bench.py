@@ -198,6 +198,22 @@ def check_sparse_kernels(dec, log=print, sparsity: float = 0.5) -> dict:
             errs[f"{li}:{proj}"] = worst
     out = {"max_rel_err": max(errs.values()), "per_projection": errs}
     log(f"sparse kernels vs reference on the model's weights: max rel. error {out['max_rel_err']:.1e}")
+    # The fused step (sparse_gemv_into, norms and residual adds inside the kernels) against the
+    # unfused one, eagerly, one decode step at the thresholds now set (the bench calls this
+    # before any is: every channel kept).
+    if dec._fused_attention():
+        tok = torch.randint(0, dec.cfg.vocab, (1, 1), generator=g, device=dec.device)
+        pos = torch.tensor([1], device=dec.device)
+        was, backend = dec.fused_step, dec.backend
+        dec.backend = "triton"
+        with torch.no_grad():
+            dec.fused_step = False
+            ref = dec.forward(tok, pos).float()
+            dec.fused_step = True
+            got = dec.forward(tok, pos).float()
+        dec.fused_step, dec.backend = was, backend
+        out["fused_step_vs_unfused_rel_err"] = float((got - ref).norm() / ref.norm())
+        log(f"fused step vs unfused step (logits): rel. error {out['fused_step_vs_unfused_rel_err']:.1e}")
     return out
 
 
