@@ -36,6 +36,11 @@ Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by m
   zeros, leaving the scratch clean; REDUCE=1: sums the slices in a fixed order), adds the bias,
   writes y in the output dtype and resets the counter. Scratch is allocated once per device and
   always left clean, so no zero-fill pass is needed and any output dtype works.
+* sparse_gemv_into, the accumulating form (ACCUM): y is an fp32 vector that every program adds
+  its partial sums to, with no counter and no last program (a decoder's fp32 residual stream,
+  or a buffer that the launch before zeroed through `clear`); NORM computes the RMSNorm of a
+  residual stream as x is read. The decoder's fused step runs on it (decode.py); its configs are
+  tuning.ACCUM (kernels/README.md, item 13).
 * Fused projections (QKV, gate/up) pass one threshold per output segment; a program's segment
   is the one its first output column falls in (segments are multiples of BLOCK_N, the wrapper
   shrinks BLOCK_N until they are, or launches per segment).
