@@ -503,3 +503,12 @@ def test_ptxas_row_sums_save_registers():
     p = subprocess.run([sys.executable, "-m", "teal_nb.kernels.ptxas", "512", "16", "4", "192", "--arch", "80"],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 0 and json.loads(p.stdout)["arch"] == "sm_80", p.stderr[-2000:]
+    # The accumulating form (sparse_gemv_into, with a clear and the norm inside) builds too, and
+    # its SUM_ROWS kernel gets fewer registers than the counter's (kernels/README.md, item 13:
+    # ptxas then issues the next tile's loads later, which is why tuning.ACCUM does without it).
+    p = subprocess.run([sys.executable, "-m", "teal_nb.kernels.ptxas", "1024", "8", "4", "224", "--sum-rows",
+                        "--accum", "--clear", "--norm"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    accum = json.loads(p.stdout)
+    assert accum["accum"] and accum["norm"] and accum["spill_bytes"] == 0
+    assert accum["registers"] < rows["registers"]
