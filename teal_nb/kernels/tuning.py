@@ -1,12 +1,14 @@
 """Launch configurations of the sparse GEMV kernel, keyed by (N, K), chosen by measurement.
 
 A config is a `gemv.Config` (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, DEPTH,
-PDL, SCAN, PRODUCER]); SLICE = 0 selects the masked kernel, SLICE > 0 the compacting one, each
-program owning SLICE input channels. The Llama-3-8B configs were chosen by sweep 9
-(kernels/results/h200/gemv_tune.json, `kernels/tune_gemv.py` on one NVIDIA H200): for each shape
-the config with the lowest weighted sum over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5)
-of time / best time. The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
-kernels/results/h200/gemv.json was measured with exactly this table. Shapes not in the table get
+PDL, SCAN, PRODUCER, MAXNREG, SUM_ROWS]); SLICE = 0 selects the masked kernel, SLICE > 0 the
+compacting one, each program owning SLICE input channels. Three tables, all measured on one
+NVIDIA H200 with `kernels/tune_gemv.py` (for each shape the config with the lowest weighted sum
+over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5) of time / best time): TABLE for
+`sparse_gemv` in bf16 (sweep 9, kernels/results/h200/gemv_tune.json), FP16 for it in fp16
+(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweep 10, gemv_tune_v10_accum.json).
+The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
+kernels/results/h200/gemv.json was measured with exactly these tables. Shapes not in them get
 `default_config`, a size rule read off the same sweeps.
 """
 from __future__ import annotations
