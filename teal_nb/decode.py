@@ -360,7 +360,7 @@ class Decoder(nn.Module):
                 y = torch.matmul(x, wt)
                 return y if bias is None else y + bias
             return F.linear(x, w, bias)
-        t = self.keep_thresholds(proj) if dense else self.thresholds[li, cols[0]:cols[-1] + 1]
+        t = self._proj_thresholds(li, proj, dense)
         if self.count and not dense and not torch.compiler.is_compiling():
             self._count_zeros(x[:, sparse_rows], li, proj, t)
         if kernel:
@@ -390,6 +390,12 @@ class Decoder(nn.Module):
         st = self.stats[li, cols[0]:cols[-1] + 1]  # a view: the counts land in self.stats
         st[:, 0] += (xs <= t[None, :]).sum(0)
         st[:, 1] += xs.numel()
+
+    def _proj_thresholds(self, li: int, proj: str, dense: bool) -> torch.Tensor:
+        """The thresholds of `proj`'s output segments in layer li: its sites' (sparse) or the
+        keep-everything ones (dense through the kernel)."""
+        cols = PROJ_SITES[proj]
+        return self.keep_thresholds(proj) if dense else self.thresholds[li, cols[0]:cols[-1] + 1]
 
     def keep_thresholds(self, proj: str) -> torch.Tensor:
         """One negative threshold per output segment of `proj`: the kernel keeps every channel."""
@@ -464,9 +470,7 @@ class Decoder(nn.Module):
         layer's qkv clears gate/up's once down has read it, so nothing is zeroed by a launch of
         its own (two fills per step, for the first layer)."""
         from .decode_attention import decode_attention
-        from .kernels import sparse_gemv_into
-
-        from .kernels import glu_input
+        from .kernels import glu_input, sparse_gemv_into
 
         cfg = self.cfg
         dense = self.backend == "dense"
@@ -474,9 +478,8 @@ class Decoder(nn.Module):
         # counting run computes them beside (their torch twins: norm_input, glu_input).
         count = self.count and not dense and not torch.compiler.is_compiling()
 
-        def thr(li, proj, x=None):
-            cols = PROJ_SITES[proj]
-            t = self.keep_thresholds(proj) if dense else self.thresholds[li, cols[0]:cols[-1] + 1]
+        def thr(li, proj, x):
+            t = self._proj_thresholds(li, proj, dense)
             if count:
                 self._count_zeros(x(), li, proj, t)
             return t

@@ -241,6 +241,15 @@ def layer_summary(records):
 FUSED_LAYER = ("qkv_fused", "q|o", "gate_up_fused", "down")
 
 
+def _dense_chain_us(sbs, n_calls, reps) -> float:
+    """cuBLAS over the shapes of `sbs` back to back (each its own rotating weight copies), in one
+    CUDA graph: microseconds per pass over all of them."""
+    F = torch.nn.functional.linear
+    copies = max(len(sb.w) for sb in sbs)
+    return graph_us([lambda i=i, sb=sb: F(sb.x, sb.w[i % len(sb.w)]) for i in range(copies) for sb in sbs],
+                    n_calls=n_calls, reps=reps) * len(sbs)
+
+
 def layer_chain(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 0.65), n_calls=400, reps=10):
     """A whole Llama-3-8B layer timed as the decoder runs it: its four fused projections back to
     back in one CUDA graph (qkv, o, gate_up, down, then the next layer's qkv, ...), each from its
@@ -249,14 +258,12 @@ def layer_chain(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 0.65),
     same chain. One record per (dtype, s), microseconds per layer."""
     from .gemv import sparse_gemv
 
-    F = torch.nn.functional.linear
     out = []
     for dt in dtypes:
         sbs = [ShapeBench(*SHAPES[n], DTYPES[dt]) for n in FUSED_LAYER]
         copies = max(len(sb.w) for sb in sbs)
         order = [(i, sb) for i in range(copies) for sb in sbs]
-        dense = graph_us([lambda i=i, sb=sb: F(sb.x, sb.w[i % len(sb.w)]) for i, sb in order],
-                         n_calls=n_calls, reps=reps) * len(sbs)
+        dense = _dense_chain_us(sbs, n_calls, reps)
         for s in sparsities:
             thr = {id(sb): sb.thresholds(s) for sb in sbs}
             sparse = graph_us([lambda i=i, sb=sb: sparse_gemv(sb.x, sb.wt[i % len(sb.wt)], thr[id(sb)],
@@ -295,8 +302,7 @@ def layer_chain_fused(dtypes=("bf16", "fp16"), sparsities=(0.0, 0.25, 0.4, 0.5, 
         gu_out = F(xn[1], gu.w[0]).float()  # what the gate/up launch leaves in its buffer
         inputs = {"qkv": xn[0], "o": o.x.reshape(-1), "gu": xn[1], "down": glu_input(gu_out, dtype)}
         copies = max(len(sb.w) for sb in (qkv, o, gu, down))
-        dense = graph_us([lambda i=i, sb=sb: F(sb.x, sb.w[i % len(sb.w)]) for i in range(copies)
-                          for sb in (qkv, o, gu, down)], n_calls=n_calls, reps=reps) * 4
+        dense = _dense_chain_us((qkv, o, gu, down), n_calls, reps)
         for s in sparsities:
             thr = {k: torch.full((n,), threshold_for(v, s), device="cuda") for (k, v), n in
                    zip(inputs.items(), (3, 1, 2, 1))}

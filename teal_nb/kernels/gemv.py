@@ -700,6 +700,14 @@ def _(x, wt, thresholds, splits, bias=None, glu=False):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
+def _thresholds_on(thresholds, device) -> torch.Tensor:
+    """The public functions' thresholds (a tensor, list or number) as a flat tensor on x's device."""
+    if not torch.is_tensor(thresholds):
+        thresholds = torch.tensor(thresholds, dtype=torch.float32)
+    thresholds = thresholds.reshape(-1)
+    return thresholds if thresholds.device == device else thresholds.to(device)
+
+
 def sparse_gemv(x, wt, thresholds, splits=None, bias=None, glu=False):
     """y = (x masked by |x| > t per output segment) @ wt, in x's dtype.
 
@@ -711,11 +719,7 @@ def sparse_gemv(x, wt, thresholds, splits=None, bias=None, glu=False):
     One row of x runs the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); several rows on
     a GPU mask explicitly and use cuBLAS; anything else runs the reference.
     """
-    if not torch.is_tensor(thresholds):
-        thresholds = torch.tensor(thresholds, dtype=torch.float32)
-    thresholds = thresholds.reshape(-1)
-    if thresholds.device != x.device:
-        thresholds = thresholds.to(x.device)
+    thresholds = _thresholds_on(thresholds, x.device)
     splits = list(_splits(splits, wt.shape[-1]))
     return _sparse_gemv_op(x, wt, thresholds, splits, bias, bool(glu))
 
@@ -773,11 +777,7 @@ def sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False, 
     finished), e.g. the buffer that the next qkv or gate/up launch adds into; it must not overlap
     out or x. Several rows of x: the reference, row by row.
     """
-    if not torch.is_tensor(thresholds):
-        thresholds = torch.tensor(thresholds, dtype=torch.float32)
-    thresholds = thresholds.reshape(-1)
-    if thresholds.device != x.device:
-        thresholds = thresholds.to(x.device)
+    thresholds = _thresholds_on(thresholds, x.device)
     K, N, splits = _check(x, wt, thresholds, splits, glu)
     _check_into(out, x, wt, clear, norm_weight, glu)
     _sparse_gemv_into_op(out, clear, x, wt, thresholds, list(splits), bias, bool(glu), norm_weight, float(eps))
