@@ -729,20 +729,25 @@ def _check_into(out, x, wt, clear, norm_weight, glu):
     if out.dtype != torch.float32 or not out.is_contiguous() or out.shape[-1] != N \
             or out.numel() != x.numel() // x.shape[-1] * N:
         raise ValueError(f"out must be a contiguous fp32 tensor of {x.numel() // x.shape[-1]} x {N} "
-                         f"values, got {out.dtype} {tuple(out.shape)}")
+                         f"values (one row of N outputs per row of x), got {out.dtype} {tuple(out.shape)}")
     if glu and norm_weight is not None:
-        raise ValueError("glu and norm_weight exclude each other")
+        raise ValueError("glu and norm_weight exclude each other: down_proj's input is SiLU x up (glu), "
+                         "qkv's and gate/up's the normed residual stream (norm_weight); pass one")
     if norm_weight is not None and norm_weight.shape != (K,):
-        raise ValueError(f"norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+        raise ValueError(f"norm_weight must be [{K}] (the RMSNorm weight of wt's K inputs), "
+                         f"got {tuple(norm_weight.shape)}")
     if clear is not None:
         if clear.dtype != torch.float32 or not clear.is_contiguous():
-            raise ValueError("clear must be a contiguous fp32 tensor")
+            raise ValueError(f"clear must be a contiguous fp32 tensor (an fp32 buffer that a later "
+                             f"sparse_gemv_into adds into), got {clear.dtype}"
+                             + ("" if clear.is_contiguous() else ", not contiguous"))
         # (Addresses are not known while torch.compile traces: checked on eager calls.)
         for name, t in (() if torch.compiler.is_compiling() else (("out", out), ("x", x))):
             lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
             c_lo = clear.data_ptr()
             if clear.device == t.device and c_lo < hi and lo < c_lo + clear.numel() * 4:
-                raise ValueError(f"clear overlaps {name}: it is zeroed while the launch reads {name}")
+                raise ValueError(f"clear overlaps {name}: it would be zeroed while the launch uses {name}; "
+                                 "pass a separate buffer")
 
 
 # Every argument positional, none defaulted: torch 2.11 drops trailing arguments equal to their
