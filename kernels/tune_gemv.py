@@ -12,13 +12,13 @@ teal_nb/kernels/tuning.py (TABLE) by hand and committed; `teal-nb bench-gemv --t
 also read it directly.
 """
 import argparse
-import json
 import sys
 import time
 
 import torch
 
 from teal_nb.kernels.bench import DTYPES, SHAPES, ShapeBench, provenance
+from teal_nb.results import write_json
 
 SPARS = (0.0, 0.5, 0.8)
 WEIGHTS = {0.0: 1.0, 0.5: 2.0, 0.8: 0.5}
@@ -172,10 +172,10 @@ def main():
         b = min(rows, key=score(rows))
         print(f"{a.dtype} {shape}: {time.time() - t0:.0f}s dense {dense:.2f} best {b['cfg']} " +
               " ".join(f"s={s}: {b['us'][str(s)]:.2f}" for s in SPARS), flush=True)
-        json.dump(dict(partial=True, raw=raw), open(a.out, "w"))
+        write_json(a.out, dict(partial=True, raw=raw))  # what a cut-short sweep measured, whole
     best = choose(raw)
-    json.dump(dict(provenance=provenance(" ".join(sys.argv)), sparsities=SPARS, weights=WEIGHTS,
-                   best=best, raw=raw), open(a.out, "w"), indent=1)
+    write_json(a.out, dict(provenance=provenance(" ".join(sys.argv)), sparsities=SPARS, weights=WEIGHTS,
+                           best=best, raw=raw))
     print("\nevery candidate: microseconds at s = " + " / ".join(map(str, SPARS)))
     for r in raw:
         print(f"{r['dtype']} {r['shape']:14s} {str(r['cfg']):52s} " + " ".join(f"{r['us'][str(s)]:6.2f}" for s in SPARS))

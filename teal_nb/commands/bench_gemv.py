@@ -28,6 +28,7 @@ def run(args):
     if not torch.cuda.is_available():
         raise ValueError("bench-gemv needs a CUDA GPU (the CPU interpreter is for correctness only)")
     from teal_nb.kernels import bench, tuning
+    from teal_nb.results import write_json
 
     if args.tune_table:
         best = json.load(open(args.tune_table))["best"].values()
@@ -58,9 +59,7 @@ def run(args):
         gpu = torch.cuda.get_device_name().lower()
         gpu = "h200" if "h200" in gpu else gpu.replace("nvidia ", "").replace(" ", "-")
         out = os.path.join("kernels", "results", gpu, "gemv.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(out, result)  # whole or not at all: a run cut short leaves the old record
     print(f"copy {copy:.0f} GB/s; wrote {out}")
     for row in result["layer"]:
         print(f"layer {row['dtype']} s={row['sparsity']:<5} ideal {row['ideal']:5.2f}  "
