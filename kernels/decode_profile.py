@@ -79,7 +79,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused")
+    ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
+                    help="comma list of backend:attention[:nopdl] (nopdl: the attention kernel without PDL)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -94,6 +95,7 @@ def main():
     ic.triton.unique_kernel_names = True
     ic.fx_graph_cache = True
     torch._dynamo.config.cache_size_limit = 64
+    from teal_nb import decode_attention
     from teal_nb.config import SITES
     from teal_nb.decode import Decoder, weight_bytes_per_token
     from teal_nb.decode_calibrate import calibrate_decode
@@ -160,9 +162,10 @@ def main():
     thr = {}
 
     def run_variant(key, mode="reduce-overhead"):
-        backend, attn = key.split(":")
+        backend, attn, *opt = key.split(":")  # opt "nopdl": the attention kernel without PDL
         t0 = time.perf_counter()
         dec.attention = attn
+        decode_attention.PDL = "nopdl" not in opt
         if backend == "dense":
             dec.set_sparsity(None, backend="dense")
         else:

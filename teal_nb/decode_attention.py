@@ -36,11 +36,19 @@ try:
     import triton.language as tl
 
     HAVE_TRITON = True
+    from .kernels.gemv import HAVE_PDL, _capability
+
+    if HAVE_PDL:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover
     triton = tl = None
-    HAVE_TRITON = False
+    HAVE_TRITON = HAVE_PDL = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Programmatic dependent launch (Hopper and newer), as the sparse GEMV kernels use it: the kernel
+# is scheduled while qkv's kernel finishes and requests its cached K/V rows before waiting for
+# it, and lets o's kernel be scheduled in turn. False: a plain launch (for A/B timing).
+PDL = True
 
 
 def usable(device: torch.device) -> bool:
@@ -98,10 +106,19 @@ if HAVE_TRITON:
         return q, k, v
 
     @triton.jit
+    def _wait_for_qkv(PDL: tl.constexpr):
+        """PDL: everything before this call may overlap the launch before (qkv's projection);
+        wait for it to finish (its output, the new row's q, k, v, is read next; the cached rows
+        were written by earlier steps), then let the next launch be scheduled."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
     def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr,
                                  stride_kh, stride_ks, stride_vh, stride_vs, scale,
                                  Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
-                                 D: tl.constexpr, BLOCK_S: tl.constexpr):
+                                 D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         j = tl.program_id(0)          # query head
         h = j // G                    # its key/value head
         d = tl.arange(0, D)
@@ -114,6 +131,7 @@ if HAVE_TRITON:
         # position and this head's q, k, v.
         kt = tl.load(k_base + s[:, None] * stride_ks)
         vt = tl.load(v_base + s[:, None] * stride_vs)
+        _wait_for_qkv(PDL)
         pos = tl.load(pos_ptr)
         dt = y_ptr.dtype.element_ty
         q, k, v = _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE, KV_SIZE, D, dt)
@@ -149,7 +167,8 @@ if HAVE_TRITON:
                                        part_ptr, cnt_ptr, S_MAX,
                                        stride_kh, stride_ks, stride_vh, stride_vs, scale,
                                        Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
-                                       D: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLIT: tl.constexpr):
+                                       D: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLIT: tl.constexpr,
+                                       PDL: tl.constexpr):
         """Flash-decoding: program (j, c) attends query head j to cache rows c*BLOCK_S ..
         (c+1)*BLOCK_S - 1 (requested at once, before the position is known), chunk 0 also to the
         new position; each active chunk stores (max, sum, weighted values) and the last one to
@@ -162,6 +181,7 @@ if HAVE_TRITON:
         inside = s < S_MAX
         kt = tl.load(kc_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
         vt = tl.load(vc_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
+        _wait_for_qkv(PDL)
         pos = tl.load(pos_ptr)
         n_active = tl.maximum((pos + BLOCK_S - 1) // BLOCK_S, 1)  # chunks holding rows < pos (>= 1)
         if c < n_active:
@@ -241,6 +261,8 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
     y = torch.empty(1, 1, n_heads * d, dtype=k_cache.dtype, device=qkv.device)
     s_max = k_cache.shape[2]
     block_s, warps, split = launch_config(d, s_max)
+    pdl = PDL and HAVE_PDL and qkv.is_cuda and _capability(qkv.device) >= 9
+    launch = dict(PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     if split:
         n_split = triton.cdiv(s_max, block_s)
         n_split_p2 = triton.next_power_of_2(n_split)
@@ -249,13 +271,12 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
             qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y, part, cnt, s_max,
             k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
             Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s,
-            N_SPLIT=n_split_p2, num_warps=warps)
+            N_SPLIT=n_split_p2, **launch)
         return y
     _decode_attention_kernel[(n_heads,)](
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
-        Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s,
-        num_warps=warps)
+        Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s, **launch)
     return y
 
 
