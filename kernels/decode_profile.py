@@ -166,6 +166,7 @@ def main():
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt
+        torch._dynamo.reset()  # a fresh capture: the flag is read at capture, and dynamo would reuse the last
         if backend == "dense":
             dec.set_sparsity(None, backend="dense")
         else:
