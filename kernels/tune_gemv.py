@@ -88,33 +88,12 @@ SWEEP11 = {
 }
 
 
-# Sweep 12 (sparse_gemv_into, K = 4096 shapes): BALANCE, the kept channels of all of K split
-# evenly over a column block's programs. kernels/gemv_fixed_cost.py measured what uneven slices
-# cost at 50% (bf16, sweep 10's configs): with the same kept count in every slice fused QKV took
-# 8.97 us against 9.74 (its busiest slice held 1.21x the mean), q|o 6.60 against 7.09, k|v 4.48
-# against 4.82. Thresholding all of K in one block raises the registers (fused QKV's tile: 254
-# against 174, still 2 programs per SM; q|o's 2-warp tile spills, so 4 warps), so the grids are
-# re-chosen; sweep 10's choice is the first candidate of each shape. Last field: balance.
-SWEEP12 = {
-    "qkv_fused": [(1024, 8, 4, 96, 1, 0, 0, 0), (1024, 8, 4, 96, 1, 0, 0, 1), (1024, 8, 4, 128, 1, 0, 0, 1),
-                  (1024, 8, 4, 192, 1, 0, 0, 1), (1024, 8, 8, 96, 1, 0, 0, 1), (512, 8, 4, 128, 1, 0, 0, 1)],
-    "q|o": [(512, 8, 2, 64, 1, 0, 0, 0), (512, 8, 4, 64, 1, 0, 0, 1), (512, 8, 4, 128, 1, 0, 0, 1),
-            (1024, 8, 4, 64, 1, 0, 0, 1), (1024, 8, 8, 64, 1, 0, 0, 1), (512, 16, 4, 128, 1, 0, 0, 1)],
-    "k|v": [(128, 32, 4, 128, 1, 0, 0, 0), (128, 32, 4, 128, 1, 0, 0, 1), (256, 16, 4, 128, 1, 0, 0, 1),
-            (128, 32, 4, 256, 1, 0, 0, 1), (128, 32, 8, 128, 1, 0, 0, 1)],
-    "gate_up_fused": [(1024, 8, 4, 456, 1, 0, 0, 0), (1024, 8, 4, 456, 1, 0, 0, 1),
-                      (1024, 8, 4, 456, 2, 0, 0, 1), (1024, 8, 8, 296, 1, 0, 0, 1)],
-    "gate|up": [(512, 16, 4, 456, 1, 0, 0, 0), (512, 16, 4, 456, 1, 0, 0, 1), (1024, 8, 4, 296, 1, 0, 0, 1),
-                (1024, 8, 4, 456, 1, 0, 0, 1)],
-}
-
-
 def configs(shape, K, sweep=10):
     """The sweep's candidates (sweeps 5-9: kernels/README.md), all with PDL."""
     if sweep == 9:
         return [compact(*c, pdl=1) for c in SWEEP9.get(shape, [])]
-    table = {11: SWEEP11, 12: SWEEP12}.get(sweep, SWEEP10)
-    return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r, *b) for bn, bk, w, sl, d, m, r, *b in table.get(shape, [])]
+    table = SWEEP11 if sweep == 11 else SWEEP10
+    return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r) for bn, bk, w, sl, d, m, r in table.get(shape, [])]
 
 
 def variants(cfg):
@@ -168,7 +147,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this")
     ap.add_argument("--dtypes", nargs="*", default=["bf16"], choices=["bf16", "fp16"])
-    ap.add_argument("--sweep", type=int, default=10, choices=[9, 10, 11, 12], help="candidate list")
+    ap.add_argument("--sweep", type=int, default=10, choices=[9, 10, 11], help="candidate list")
     ap.add_argument("--accum", action="store_true", help="time sparse_gemv_into (the decoder's form)")
     ap.add_argument("--variants", action="store_true",
                     help="also time the 3 best of each shape with PDL and with the producer kernel")

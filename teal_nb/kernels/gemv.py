@@ -186,7 +186,6 @@ class Config(NamedTuple):
     producer: int = 0  # compacting: 1 = a small kernel builds the kept list once per launch
     maxnreg: int = 0  # ptxas's register cap per thread (0: none); 128 keeps 4 programs of 4 warps per SM
     sum_rows: int = -1  # compacting: 1-D accumulator; -1 the dtype's default (_rows_per_thread), 0 off, 1 on
-    balance: int = 0  # compacting: 1 = the kept channels of all of K split evenly over the programs (K <= 8192)
 
 
 if HAVE_TRITON:
@@ -405,33 +404,6 @@ if HAVE_TRITON:
         return count
 
     @triton.jit
-    def _compact_balanced(x_ptr, idx_ptr, xv_ptr, t, K, nw_ptr, eps, GLU: tl.constexpr, NORM: tl.constexpr,
-                          K_BLOCK: tl.constexpr):
-        """BALANCE: the kept channels of all of x (K <= K_BLOCK, one block), split evenly over
-        the launch's K programs: program p takes kept channels lo .. hi-1 (in channel order) of
-        the C kept, lo = p C / P. With fixed slices a program's work is the number of kept
-        channels in its slice, which varies (binomially, for random x: the busiest of ~40 slices
-        of 96 channels holds ~1.2x the mean at 50%), and one wave of programs ends with its
-        busiest. Writes entry i of the list at idx_ptr[i] (programs of the same split write
-        identical entries; other splits other entries); returns (lo, hi - lo)."""
-        offs = tl.arange(0, K_BLOCK)
-        inb = offs < K
-        rs = _norm_scale(x_ptr, K, eps, NORM, K_BLOCK)
-        x = _load_x(x_ptr, offs, inb, K, nw_ptr, rs, GLU, NORM)
-        keep = _keep(x, t) & inb
-        ki = keep.to(tl.int32)
-        pos = tl.cumsum(ki, axis=0) - 1
-        total = tl.sum(ki, axis=0)
-        p = tl.program_id(1)
-        n_p = tl.num_programs(1)
-        lo = p * total // n_p
-        hi = (p + 1) * total // n_p
-        mine = keep & (pos >= lo) & (pos < hi)
-        tl.store(idx_ptr + pos, offs, mask=mine)
-        tl.store(xv_ptr + pos, x, mask=mine)
-        return lo, hi - lo
-
-    @triton.jit
     def _kept(idx_ptr, xv_ptr, j, count):
         """Entries j of the kept-channel list: (channel, value, valid); past the end: (0, 0, False)."""
         v = j < count
@@ -464,7 +436,6 @@ if HAVE_TRITON:
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
-        BALANCE: tl.constexpr, K_BLOCK: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -475,15 +446,10 @@ if HAVE_TRITON:
         #    write identical lists to the same place, so the overlapping writes are harmless and
         #    no program needs another's: there is no dependency between programs.
         #    PRODUCED: _kept_list_kernel, launched just before, has written the list already.
-        #    BALANCE: the kept channels of all of K, split evenly over the K programs instead.
         k_lo = tl.program_id(1) * SLICE
         base = seg * K + k_lo
         if PRODUCED:
             count = tl.load(lcnt_ptr + seg * tl.num_programs(1) + tl.program_id(1))
-        elif BALANCE:
-            lo, count = _compact_balanced(x_ptr + 0, idx_ptr + seg * K, xv_ptr + seg * K, t, K, nw_ptr, eps,
-                                          GLU, NORM, K_BLOCK)
-            base = seg * K + lo
         else:
             rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
@@ -632,9 +598,11 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
     pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda and _capability(x1.device) >= 9
     norm = norm_weight is not None
+    # NORM: the whole residual stream of a Llama-3-8B (4096 entries) in one block, one round trip
+    # to L2 instead of two in a loop (ptxas: 174 registers either way for the decoder's configs).
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
                   HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
-                  GLU=glu, NORM=norm, NORM_BLOCK=min(triton.next_power_of_2(K), 2048), ACCUM=accum,
+                  GLU=glu, NORM=norm, NORM_BLOCK=min(triton.next_power_of_2(K), 4096), ACCUM=accum,
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}),
                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x1.is_cuda else {}))
     bias_arg = bias if bias is not None else y
@@ -662,8 +630,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype),
-            BALANCE=_balance(cfg, K), K_BLOCK=triton.next_power_of_2(K), **clr, **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
@@ -676,12 +643,6 @@ def _scan(cfg: Config, slice_: int) -> int:
     """Channels per prefix-sum step of the compacting kernel, by default 8 per thread: 32 per
     thread took 250 registers (4 warps) and so cut the programs per SM."""
     return min(triton.next_power_of_2(slice_), cfg.scan or 256 * cfg.warps)
-
-
-def _balance(cfg: Config, K: int) -> bool:
-    """BALANCE (cfg.balance = 1): every program thresholds all of x in one block, so K is capped
-    (8192 channels: 64 per thread on 4 warps); longer inputs keep fixed slices. No producer."""
-    return bool(cfg.balance) and not cfg.producer and K <= 8192
 
 
 def _rows_per_thread(cfg: Config, dtype: torch.dtype) -> bool:
