@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
-                    help="comma list of backend:attention[:nopdl] (nopdl: the attention kernel without PDL)")
+                    help="comma list of backend:attention[:nopdl][:nopartials] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -102,7 +102,10 @@ def main():
     from teal_nb.kernels import sparse_gemv
     from teal_nb.kernels.bench import copy_rate_gbps, graph_us
 
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}, "floors": {}}
+    from teal_nb.kernels.bench import provenance
+
+    res = {"provenance": provenance(" ".join(sys.argv)), "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "variants": {}, "floors": {}}
 
     def save():
         with open(a.out, "w") as f:
@@ -161,11 +164,16 @@ def main():
     forced, _ = dec.generate(prompt, a.new_tokens)  # eager: the sequence every variant decodes
     thr = {}
 
+    max_partials = decode_attention.MAX_PARTIAL_SPLITS
+
     def run_variant(key, mode="reduce-overhead"):
-        backend, attn, *opt = key.split(":")  # opt "nopdl": the attention kernel without PDL
+        # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
+        # splits itself (decode_attention) instead of o's kernel (decode_attention_partials).
+        backend, attn, *opt = key.split(":")
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt
+        decode_attention.MAX_PARTIAL_SPLITS = 0 if "nopartials" in opt else max_partials
         torch._dynamo.reset()  # a fresh capture: the flag is read at capture, and dynamo would reuse the last
         if backend == "dense":
             dec.set_sparsity(None, backend="dense")

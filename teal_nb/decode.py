@@ -468,9 +468,11 @@ class Decoder(nn.Module):
         """One token (see uses_fused_step), logits [1, V]. The residual stream r is fp32; qkv and
         gate/up add into zeroed fp32 buffers: o clears qkv's once attention has read it, the next
         layer's qkv clears gate/up's once down has read it, so nothing is zeroed by a launch of
-        its own (two fills per step, for the first layer)."""
-        from .decode_attention import decode_attention
-        from .kernels import glu_input, sparse_gemv_into
+        its own (two fills per step, for the first layer). Attention leaves its split partials and
+        o's kernel combines them as it reads its input (no combining tail in the attention kernel),
+        unless the cache needs more splits than that unrolls (partials_config)."""
+        from .decode_attention import decode_attention, decode_attention_partials, partials_config
+        from .kernels import attention_input, glu_input, sparse_gemv_into
 
         cfg = self.cfg
         dense = self.backend == "dense"
@@ -488,12 +490,19 @@ class Decoder(nn.Module):
         qkv = torch.zeros(1, cfg.proj_shape("qkv")[0], device=r.device)
         gu = torch.zeros(1, 2 * cfg.intermediate, device=r.device)
         eps = cfg.norm_eps
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        split = partials_config(cfg.head_dim, self.layers[0].k_cache.shape[2])
         for li, blk in enumerate(self.layers):
             sparse_gemv_into(qkv, r, blk.qkv_t, thr(li, "qkv", lambda: norm_input(r, blk.attn_norm, eps)),
                              self._splits("qkv"), blk.qkv_bias, norm_weight=blk.attn_norm, eps=eps, clear=gu)
-            y = decode_attention(qkv.view(1, 1, -1), self.cos, self.sin, input_pos, blk.k_cache, blk.v_cache,
-                                 cfg.n_heads, 1.0 / math.sqrt(cfg.head_dim)).view(1, -1)
-            sparse_gemv_into(r, y, blk.o_t, thr(li, "o", lambda: y), clear=qkv)
+            args = (qkv.view(1, 1, -1), self.cos, self.sin, input_pos, blk.k_cache, blk.v_cache, cfg.n_heads, scale)
+            if split:
+                part = decode_attention_partials(*args, *split)
+                sparse_gemv_into(r, part, blk.o_t, thr(li, "o", lambda: attention_input(part, self.dtype)),
+                                 clear=qkv, partials=True)
+            else:
+                y = decode_attention(*args).view(1, -1)
+                sparse_gemv_into(r, y, blk.o_t, thr(li, "o", lambda: y), clear=qkv)
             sparse_gemv_into(gu, r, blk.gate_up_t, thr(li, "gate_up", lambda: norm_input(r, blk.mlp_norm, eps)),
                              self._splits("gate_up"), norm_weight=blk.mlp_norm, eps=eps)
             sparse_gemv_into(r, gu, blk.down_t, thr(li, "down", lambda: glu_input(gu, self.dtype)), glu=True)

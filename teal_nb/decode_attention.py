@@ -163,16 +163,38 @@ if HAVE_TRITON:
         tl.store(y_ptr + j * D + d, (acc / l_sum).to(dt))
 
     @triton.jit
+    def _combine(part_ptr, cnt_ptr, y_ptr, j, d, n_active, D: tl.constexpr, N_SPLIT: tl.constexpr,
+                 dt: tl.constexpr):
+        """Count this chunk's arrival on head j; the last of the n_active chunks combines them."""
+        tl.debug_barrier()  # every thread's stores issued before the arrival is signalled
+        arrived = tl.atomic_add(cnt_ptr + j, 1, sem="acq_rel")
+        if arrived == n_active - 1:  # the last chunk of head j combines
+            cs = tl.arange(0, N_SPLIT)
+            act = cs < n_active
+            rows = part_ptr + (j * N_SPLIT + cs) * (D + 2)
+            ms = tl.load(rows + D, mask=act, other=float("-inf"), cache_modifier=".cg")
+            ls = tl.load(rows + D + 1, mask=act, other=0.0, cache_modifier=".cg")
+            accs = tl.load(rows[:, None] + d[None, :], mask=act[:, None], other=0.0, cache_modifier=".cg")
+            mm = tl.max(ms, axis=0)
+            w = tl.where(act, tl.exp(ms - mm), 0.0)
+            y = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
+            tl.store(y_ptr + j * D + d, y.to(dt))
+            tl.atomic_xchg(cnt_ptr + j, 0, sem="relaxed")
+
+    @triton.jit
     def _decode_attention_split_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr,
                                        part_ptr, cnt_ptr, S_MAX,
                                        stride_kh, stride_ks, stride_vh, stride_vs, scale,
                                        Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
                                        D: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLIT: tl.constexpr,
-                                       PDL: tl.constexpr):
+                                       PDL: tl.constexpr, COMBINE: tl.constexpr):
         """Flash-decoding: program (j, c) attends query head j to cache rows c*BLOCK_S ..
         (c+1)*BLOCK_S - 1 (requested at once, before the position is known), chunk 0 also to the
-        new position; each active chunk stores (max, sum, weighted values) and the last one to
-        arrive on head j's counter combines them. One block of latency whatever the position."""
+        new position; each active chunk stores (weighted values, max, sum) at part[j, c] and, with
+        COMBINE, the last one to arrive on head j's counter combines them into y. One block of
+        latency whatever the position. Without COMBINE the partials are the output (an inactive
+        chunk stores an empty one: m = -inf, l = 0) and the next kernel combines them as it reads
+        them (sparse_gemv_into(partials=True), o_proj's): no arrival, no combining tail."""
         j = tl.program_id(0)
         c = tl.program_id(1)
         h = j // G
@@ -184,8 +206,9 @@ if HAVE_TRITON:
         _wait_for_qkv(PDL)
         pos = tl.load(pos_ptr)
         n_active = tl.maximum((pos + BLOCK_S - 1) // BLOCK_S, 1)  # chunks holding rows < pos (>= 1)
+        dt = kc_ptr.dtype.element_ty
+        pb = part_ptr + (j * N_SPLIT + c) * (D + 2)
         if c < n_active:
-            dt = y_ptr.dtype.element_ty
             q, k, v = _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE, KV_SIZE, D, dt)
             if (j % G == 0) & (c == 0):
                 tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
@@ -199,25 +222,16 @@ if HAVE_TRITON:
             a_new = tl.where(first, tl.exp(s_new - m), 0.0)
             acc = v.to(tl.float32) * a_new + tl.sum(p[:, None] * tl.where(sm[:, None], vt.to(tl.float32), 0.0), axis=0)
             l_sum = a_new + tl.sum(p, axis=0)
-            # This chunk's partial: [m, l, acc[D]] at part[j, c].
-            pb = part_ptr + (j * N_SPLIT + c) * (D + 2)
+            # This chunk's partial: [acc[D], m, l] at part[j, c].
             tl.store(pb + d, acc)
             tl.store(pb + D, m)
             tl.store(pb + D + 1, l_sum)
-            tl.debug_barrier()  # every thread's stores issued before the arrival is signalled
-            arrived = tl.atomic_add(cnt_ptr + j, 1, sem="acq_rel")
-            if arrived == n_active - 1:  # the last chunk of head j combines
-                cs = tl.arange(0, N_SPLIT)
-                act = cs < n_active
-                rows = part_ptr + (j * N_SPLIT + cs) * (D + 2)
-                ms = tl.load(rows + D, mask=act, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(rows + D + 1, mask=act, other=0.0, cache_modifier=".cg")
-                accs = tl.load(rows[:, None] + d[None, :], mask=act[:, None], other=0.0, cache_modifier=".cg")
-                mm = tl.max(ms, axis=0)
-                w = tl.where(act, tl.exp(ms - mm), 0.0)
-                y = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
-                tl.store(y_ptr + j * D + d, y.to(dt))
-                tl.atomic_xchg(cnt_ptr + j, 0, sem="relaxed")
+            if COMBINE:
+                _combine(part_ptr, cnt_ptr, y_ptr, j, d, n_active, D, N_SPLIT, dt)
+        elif not COMBINE:
+            tl.store(pb + d, tl.zeros([D], tl.float32))
+            tl.store(pb + D, float("-inf"))
+            tl.store(pb + D + 1, 0.0)
 
 
 # (BLOCK_S, num_warps) per (head_dim, cache length), set by measurement (decode_bench times the
@@ -271,7 +285,7 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
             qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y, part, cnt, s_max,
             k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
             Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s,
-            N_SPLIT=n_split_p2, **launch)
+            N_SPLIT=n_split_p2, COMBINE=True, **launch)
         return y
     _decode_attention_kernel[(n_heads,)](
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y,
@@ -294,8 +308,85 @@ def _(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale):
     return qkv.new_empty(k_cache.shape[0], 1, n_heads * k_cache.shape[-1], dtype=k_cache.dtype)
 
 
+# The partials form (the combine done by the next kernel as it reads them) unrolls one load per
+# split there: up to this many splits.
+MAX_PARTIAL_SPLITS = 16
+
+
+def partials_config(head_dim: int, s_max: int) -> tuple[int, int] | None:
+    """(BLOCK_S, num_warps) of the split kernel for decode_attention_partials: the chosen config
+    if it is a split one, else 64 x 4 (the split config chosen on the H200, decode.json); None if
+    that needs more than MAX_PARTIAL_SPLITS splits (long caches keep decode_attention)."""
+    block_s, warps, split = launch_config(head_dim, s_max)
+    if not split:
+        block_s, warps = min(64, 1 << (s_max.bit_length() - 1)), 4
+    return (block_s, warps) if -(-s_max // block_s) <= MAX_PARTIAL_SPLITS else None
+
+
+def decode_attention_partials_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float,
+                                        block_s: int) -> torch.Tensor:
+    """Pure torch, the split kernel's partials: writes the caches at `pos` as
+    decode_attention_reference does and returns part [n_heads, S / block_s, D + 2] (fp32): for
+    query head j and split c, over the cached rows c*block_s .. (c+1)*block_s - 1 below pos (and
+    the new row, in split 0), the softmax-weighted values, the score maximum m and the weight
+    sum l; a split with no rows is empty (0, -inf, 0). attention_input(part) is the attention."""
+    b, hkv, s_max, d = k_cache.shape
+    p = int(pos.reshape(-1)[0])
+    decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)  # writes row p
+    x = qkv.reshape(b, -1).float()
+    c, s = cos[p].float(), sin[p].float()
+    q = _rope(x[:, :n_heads * d].view(n_heads, d), c, s).to(k_cache.dtype).float()
+    g = n_heads // hkv
+    kk = k_cache[0, :, :p + 1].float().repeat_interleave(g, dim=0)  # [H, p+1, D], row p the new one
+    vv = v_cache[0, :, :p + 1].float().repeat_interleave(g, dim=0)
+    sc = torch.einsum("hd,hsd->hs", q, kk) * scale
+    n_split = -(-s_max // block_s)
+    part = torch.zeros(n_heads, n_split, d + 2, device=qkv.device)
+    part[:, :, d] = float("-inf")
+    rows = torch.arange(p + 1, device=qkv.device)
+    split_of = torch.where(rows == p, 0, rows // block_s)  # the new row is split 0's
+    for ci in range(n_split):
+        sel = split_of == ci
+        if not bool(sel.any()):
+            continue
+        m = sc[:, sel].max(dim=1).values
+        w = torch.exp(sc[:, sel] - m[:, None])
+        part[:, ci, :d] = torch.einsum("hs,hsd->hd", w, vv[:, sel])
+        part[:, ci, d] = m
+        part[:, ci, d + 1] = w.sum(1)
+    return part
+
+
+@torch.library.custom_op("teal_nb::decode_attention_partials", mutates_args=("k_cache", "v_cache"))
+def decode_attention_partials(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, scale: float,
+                              block_s: int, warps: int) -> torch.Tensor:
+    """decode_attention without its last step: the split kernel's partials [n_heads, S / block_s,
+    D + 2] (fp32; see decode_attention_partials_reference), for sparse_gemv_into(partials=True)
+    to combine as o_proj reads them. (block_s, warps) from partials_config; batch 1."""
+    b, hkv, s_max, d = k_cache.shape
+    if b != 1 or qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
+        return decode_attention_partials_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale, block_s)
+    n_split = triton.cdiv(s_max, block_s)
+    part = torch.empty(n_heads, n_split, d + 2, dtype=torch.float32, device=qkv.device)
+    pdl = PDL and HAVE_PDL and qkv.is_cuda and _capability(qkv.device) >= 9
+    # y and the arrival counters are not used without COMBINE: part stands in for both pointers.
+    _decode_attention_split_kernel[(n_heads, n_split)](
+        qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, part, part, part, s_max,
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
+        Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s, N_SPLIT=n_split,
+        PDL=pdl, COMBINE=False, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+    return part
+
+
+@decode_attention_partials.register_fake
+def _(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale, block_s, warps):
+    return qkv.new_empty(n_heads, -(-k_cache.shape[2] // block_s), k_cache.shape[-1] + 2, dtype=torch.float32)
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-__all__ = ["decode_attention", "decode_attention_reference", "usable"]
+__all__ = ["decode_attention", "decode_attention_partials", "decode_attention_partials_reference",
+           "decode_attention_reference", "partials_config", "usable"]

@@ -156,12 +156,19 @@ def test_dense_through_the_kernel_matches_cublas_path():
 
 
 @torch.no_grad()
-def test_fused_step_matches_unfused():
+@pytest.mark.parametrize("partials", [True, False], ids=["partials", "attention_output"])
+def test_fused_step_matches_unfused(partials, monkeypatch):
     """The fused step (fp32 residual stream, RMSNorm inside qkv's and gate/up's kernels, o and
-    down adding into the stream, gate/up buffers cleared by the next launch) gives the unfused
-    Triton step's logits and tokens (fp32: up to summation order), sparse and dense through the
-    kernel, prompt and decode steps."""
+    down adding into the stream, gate/up buffers cleared by the next launch; o's kernel combining
+    the attention's split partials, or reading the attention output when the cache needs too many
+    splits) gives the unfused Triton step's logits and tokens (fp32: up to summation order),
+    sparse and dense through the kernel, prompt and decode steps."""
+    from teal_nb import decode_attention as da
+
+    if not partials:
+        monkeypatch.setattr(da, "MAX_PARTIAL_SPLITS", 0)
     d = _tiny("float32")
+    assert (da.partials_config(d.cfg.head_dim, d.max_seq_len) is not None) == partials
     d.attention = "fused"  # the fused step needs the fused attention kernel (interpreted on CPU)
     ids = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(5))
     th = torch.rand(d.cfg.n_layers, len(SITES)) * 0.3
@@ -401,6 +408,52 @@ def test_fused_attention_matches_torch(dtype):
     dec.attention = "auto"
     assert torch.equal(out, out2)
     assert ((got - ref).norm() / ref.norm()) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_partials(dtype):
+    """decode_attention_partials (the split kernel without its combining step; interpreted on CPU)
+    leaves the partials of its torch reference, empty splits included, and writes the caches as
+    decode_attention does; combined (attention_input, the o kernel's input stage) they are the
+    attention output of decode_attention_reference."""
+    import math
+
+    from teal_nb.decode_attention import (decode_attention_partials, decode_attention_partials_reference,
+                                          decode_attention_reference, usable)
+    from teal_nb.kernels import attention_input
+
+    if not usable(torch.device("cpu")):
+        pytest.skip("needs Triton's CPU interpreter")
+    dt = getattr(torch, dtype)
+    # (query heads, kv heads, head dim, cache length, split rows, position): the first split
+    # only, a split edge, the last split; splits past the position are empty.
+    for h, hkv, d, s, bs, p in [(6, 2, 32, 40, 16, 0), (6, 2, 32, 40, 16, 16), (4, 1, 64, 100, 32, 99),
+                                (4, 2, 32, 64, 16, 37)]:
+        g = torch.Generator().manual_seed(p)
+        qkv = torch.randn(1, 1, (h + 2 * hkv) * d, generator=g).to(dt)
+        cos, sin = torch.randn(s, d, generator=g).to(dt), torch.randn(s, d, generator=g).to(dt)
+        kc, vc = torch.randn(1, hkv, s, d, generator=g).to(dt), torch.randn(1, hkv, s, d, generator=g).to(dt)
+        kr, vr, ka, va = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        pos, scale = torch.tensor([p]), 1 / math.sqrt(d)
+        part = decode_attention_partials(qkv, cos, sin, pos, kc, vc, h, scale, bs, 4)
+        ref = decode_attention_partials_reference(qkv, cos, sin, pos, kr, vr, h, scale, bs)
+        assert part.shape == ref.shape == (h, -(-s // bs), d + 2)
+        empty = torch.isinf(ref[:, :, d])
+        assert torch.equal(torch.isinf(part[:, :, d]), empty)
+        assert int(empty.sum()) == h * (ref.shape[1] - max(1, -(-p // bs)))  # splits past the position
+        assert torch.equal(part[empty], ref[empty])
+        # (bf16: the interpreter rounds q to bf16 by truncation, torch to nearest.)
+        tol = 1e-5 if dtype == "float32" else 2e-2
+        assert ((part[~empty] - ref[~empty]).norm() / ref[~empty].norm()) < tol
+        y = decode_attention_reference(qkv, cos, sin, pos, ka, va, h, scale)
+        for c in (kc, kr):
+            assert torch.equal(c[:, :, :p], ka[:, :, :p]) and torch.equal(c[:, :, p + 1:], ka[:, :, p + 1:])
+            assert torch.allclose(c[:, :, p].float(), ka[:, :, p].float(), rtol=1e-2, atol=1e-6)
+        assert torch.equal(vc, va) and torch.equal(vr, va)
+        for pt in (part, ref):
+            got = attention_input(pt, dt).view(y.shape)
+            assert ((got.float() - y.float()).norm() / y.float().norm()) < tol, (dtype, p)
 
 
 def test_two_stage_greedy_is_argmax():

@@ -237,6 +237,70 @@ def test_into_accumulates_like_reference(dtype, mode, cfg):
         assert rel_err(out, ref) < 1e-5
 
 
+def _partials(heads, splits, d, empty, seed):
+    """Split-attention partials [heads, splits, d + 2] (values, max, sum) with `empty` splits
+    (m = -inf, l = 0) at the end, as decode_attention_partials leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    part = torch.randn(heads, splits, d + 2, generator=g)
+    part[:, :, d + 1] = part[:, :, d + 1].abs() + 0.5
+    part[:, splits - empty:] = 0
+    part[:, splits - empty:, d] = float("-inf")
+    return part.to(DEV)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", [CFGS[0], CFGS[2], CFGS[5]])
+def test_into_partials_like_reference(dtype, cfg):
+    """partials=True: the kernel combines a split attention's partials as it reads x (o_proj's
+    input, attention_input: the softmax's split maxima and sums), then thresholds, multiplies and
+    adds into out as the reference does; several splits empty."""
+    from teal_nb.kernels import attention_input
+
+    heads, splits, d, N = 5, 3, 12, 70
+    part = _partials(heads, splits, d, 1, seed=9)
+    w, _, _ = make(N, heads * d, dtype, 0.0, seed=8)
+    wt = prepare_weight(w)
+    xin = attention_input(part, dtype)
+    a = xin.float().abs().sort().values.cpu()
+    i = max(range(25, 35), key=lambda j: a[0, j] - a[0, j - 1])  # a threshold in a wide gap (see above)
+    thr = torch.tensor([float(a[0, i] + a[0, i - 1]) / 2], device=DEV)
+    out0 = torch.randn(N, device=DEV)
+    ref, out = out0.clone(), out0.clone()
+    sparse_gemv_into_reference(ref, part, wt, thr, partials=True)
+    _launch(part.reshape(-1), wt, thr, (N,), None, cfg, out=out, partials=(splits, d))
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    assert rel_err(out - out0, ref - out0) < tol, cfg
+    assert rel_err(ref - out0, xin.float() @ wt.float()) > 1e-3  # the threshold dropped something
+    if dtype == torch.float32:  # the public op
+        out = torch.zeros(1, N, device=DEV)
+        sparse_gemv_into(out, part, wt, thr, partials=True)
+        assert rel_err(out[0], ref - out0) < 1e-5
+    with pytest.raises(ValueError, match="partials"):
+        sparse_gemv_into(torch.zeros(1, N, device=DEV), part[:, :, 1:], wt, thr, partials=True)
+    with pytest.raises(ValueError, match="exclude"):
+        sparse_gemv_into(torch.zeros(1, N, device=DEV), part, wt, thr, partials=True, glu=True)
+
+
+def test_attention_input_is_softmax_of_the_union():
+    """attention_input, closed form: splitting a softmax-weighted sum into chunks (each with its
+    own max and sum) and combining them gives the softmax over all rows at once."""
+    from teal_nb.kernels import attention_input
+
+    g = torch.Generator().manual_seed(2)
+    heads, d, rows = 3, 8, 10
+    sc, v = torch.randn(heads, rows, generator=g), torch.randn(heads, rows, d, generator=g)
+    want = torch.einsum("hs,hsd->hd", torch.softmax(sc, dim=-1), v).reshape(1, -1)
+    part = torch.zeros(heads, 4, d + 2)
+    part[:, :, d] = float("-inf")
+    for c, sl in enumerate((slice(0, 3), slice(3, 4), slice(4, 10))):  # the fourth split empty
+        m = sc[:, sl].max(1).values
+        w = torch.exp(sc[:, sl] - m[:, None])
+        part[:, c, :d] = torch.einsum("hs,hsd->hd", w, v[:, sl])
+        part[:, c, d], part[:, c, d + 1] = m, w.sum(1)
+    assert torch.allclose(attention_input(part, torch.float32), want, atol=1e-6)
+
+
 def test_into_norm_input_is_hf_rms_norm():
     """norm_input (the kernel's twin) is the decoder's rms_norm of the residual stream, as HF."""
     from teal_nb.decode import rms_norm

@@ -31,8 +31,8 @@ explicitly and run cuBLAS per segment; on CPU without the interpreter it runs th
 The kernel keeps a per-device scratch buffer that it leaves zeroed after every call: calls on
 one device must be ordered (one stream), as they are in a decode loop.
 """
-from .gemv import (glu_input, norm_input, prepare_weight, sparse_gemv, sparse_gemv_into,
+from .gemv import (attention_input, glu_input, norm_input, prepare_weight, sparse_gemv, sparse_gemv_into,
                    sparse_gemv_into_reference, sparse_gemv_reference)
 
-__all__ = ["glu_input", "norm_input", "prepare_weight", "sparse_gemv", "sparse_gemv_into",
+__all__ = ["attention_input", "glu_input", "norm_input", "prepare_weight", "sparse_gemv", "sparse_gemv_into",
            "sparse_gemv_into_reference", "sparse_gemv_reference"]

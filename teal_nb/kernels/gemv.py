@@ -124,6 +124,19 @@ def norm_input(r: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * rf.to(w.dtype)
 
 
+def attention_input(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention output [1, H * D] from a split attention's partials [H, S, D + 2]
+    (decode_attention_partials: per head and split the softmax-weighted values, then the split's
+    score maximum m and weight sum l; an empty split has m = -inf, l = 0): combined in fp32 as
+    sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m), rounded once to `dtype`. The
+    input that sparse_gemv_into(partials=True) computes as it reads x (o_proj's)."""
+    part = part.float()
+    acc, m, l = part[..., :-2], part[..., -2], part[..., -1]
+    w = torch.exp(m - m.max(dim=1, keepdim=True).values)
+    y = (acc * w[..., None]).sum(1) / (l * w).sum(1)[:, None]
+    return y.reshape(1, -1).to(dtype)
+
+
 def _reference_fp32(x, wt, thresholds, splits, bias):
     """The masked product in fp32, not rounded: y[n] = sum_k x[k] [|x[k]| > t(n)] wt[k, n]."""
     xf = x.float()
@@ -148,10 +161,13 @@ def sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None, glu=False):
 
 
 def sparse_gemv_into_reference(out, x, wt, thresholds, splits=None, bias=None, glu=False,
-                               norm_weight=None, eps=1e-5, clear=None):
+                               norm_weight=None, eps=1e-5, clear=None, partials=False):
     """Pure-torch twin of sparse_gemv_into: out (fp32) += the masked product, not rounded; the
-    input is glu_input(x, wt.dtype) (glu), norm_input(x, norm_weight, eps) (norm) or x; clear
-    (if given) is zeroed."""
+    input is glu_input(x, wt.dtype) (glu), norm_input(x, norm_weight, eps) (norm),
+    attention_input(x, wt.dtype) (partials) or x; clear (if given) is zeroed."""
+    if partials:
+        _check_partials(x, wt)
+        x = attention_input(x, wt.dtype)
     K, N, splits = _check(x, wt, thresholds, splits, glu)
     if glu:
         x = glu_input(x, wt.dtype)
@@ -299,6 +315,7 @@ if HAVE_TRITON:
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
         FENCE: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr,
     ):
         """Masked variant: walks its K slice tile by tile, loading only the kept rows of each."""
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
@@ -313,14 +330,14 @@ if HAVE_TRITON:
         # loaded two steps ahead and the W tile one step ahead of the multiply-add, so each
         # program keeps a W tile in flight while it multiplies the previous one.
         offs_k = k0 + ar_k
-        x_cur = _load_x(x_ptr, offs_k, offs_k < K, K, nw_ptr, rs, GLU, NORM)
+        x_cur = _load_x(x_ptr, offs_k, offs_k < K, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
         # The fused threshold: keep channel k iff |x[k]| > t (NaN > t is False: dropped; t < 0:
         # every channel, NaN included).
         keep = _keep(x_cur, t) & (offs_k < K)
         x_cur = tl.where(keep, x_cur, 0.0)
         w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
         offs_k = k0 + BLOCK_K + ar_k
-        x_nxt = _load_x(x_ptr, offs_k, (offs_k < K) & (ITERS > 1), K, nw_ptr, rs, GLU, NORM)
+        x_nxt = _load_x(x_ptr, offs_k, (offs_k < K) & (ITERS > 1), K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for i in range(1, ITERS):
             offs_k = k0 + i * BLOCK_K + ar_k
@@ -328,7 +345,7 @@ if HAVE_TRITON:
             x_nxt = tl.where(keep, x_nxt, 0.0)
             w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
             offs_k2 = offs_k + BLOCK_K
-            x_nn = _load_x(x_ptr, offs_k2, (offs_k2 < K) & (i + 1 < ITERS), K, nw_ptr, rs, GLU, NORM)
+            x_nn = _load_x(x_ptr, offs_k2, (offs_k2 < K) & (i + 1 < ITERS), K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
             acc += w_cur.to(tl.float32) * x_cur[:, None]
             x_cur = x_nxt
             w_cur = w_nxt
@@ -339,13 +356,34 @@ if HAVE_TRITON:
                   ACCUM)
 
     @triton.jit
-    def _load_x(x_ptr, offs, mask, K, nw_ptr, rs, GLU: tl.constexpr, NORM: tl.constexpr):
+    def _load_x(x_ptr, offs, mask, K, nw_ptr, rs, GLU: tl.constexpr, NORM: tl.constexpr,
+                PARTS: tl.constexpr, HEAD_D: tl.constexpr):
         """x[offs] in fp32, as the model computes its projection's input, in the weights' dtype
         (nw_ptr: the norm weight, or the projection's weight when there is no norm).
         GLU: x_ptr holds [gate | up] (2K values) and x = silu(gate) * up, computed in fp32 and
         rounded once, so that down_proj needs no separate SiLU x up kernel before it.
         NORM: x_ptr is the residual stream r and x = w * round(r * rs) (rs from _norm_scale),
         RMSNorm as HF Llama computes it, so that qkv and gate/up need no norm kernel before them."""
+        if PARTS:
+            # x_ptr: a split attention's partials [heads, PARTS, HEAD_D + 2] (per split: the
+            # weighted values, then the running max m and sum l of its softmax), as
+            # decode_attention_partials leaves them; x[k] is their combination for channel k
+            # (head k // HEAD_D), rounded to the weights' dtype as the attention output is.
+            # The PARTS rows are loaded at once (unrolled): one round trip.
+            row = x_ptr + (offs // HEAD_D) * (PARTS * (HEAD_D + 2))
+            d = offs % HEAD_D
+            # (Lanes past K read m = 0, l = 1: finite, 0 / PARTS.)
+            mm = tl.full(offs.shape, float("-inf"), tl.float32)
+            for c in tl.static_range(PARTS):
+                mm = tl.maximum(mm, tl.load(row + c * (HEAD_D + 2) + HEAD_D, mask=mask, other=0.0))
+            num = tl.zeros(offs.shape, tl.float32)
+            den = tl.zeros(offs.shape, tl.float32)
+            for c in tl.static_range(PARTS):
+                b = row + c * (HEAD_D + 2)
+                w = tl.exp(tl.load(b + HEAD_D, mask=mask, other=0.0) - mm)
+                num += w * tl.load(b + d, mask=mask, other=0.0)
+                den += w * tl.load(b + HEAD_D + 1, mask=mask, other=1.0)
+            return (num / den).to(nw_ptr.dtype.element_ty).to(tl.float32)
         if GLU:
             g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
@@ -382,18 +420,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, nw_ptr, rs, SCAN: tl.constexpr,
-                 GLU: tl.constexpr, NORM: tl.constexpr):
+                 GLU: tl.constexpr, NORM: tl.constexpr, PARTS: tl.constexpr, HEAD_D: tl.constexpr):
         """Write the kept channels of x[k_lo:k_hi] (|x| > t) and their values to idx_ptr / xv_ptr
         in order; return how many. A kept channel's position is the number of kept channels
         before it: a prefix sum, SCAN channels at a time (8 per thread keeps the registers low),
         the next SCAN channels of x loaded before the current ones are summed."""
         count = k_lo * 0
         offs = k_lo + tl.arange(0, SCAN)
-        xs_next = _load_x(x_ptr, offs, offs < k_hi, K, nw_ptr, rs, GLU, NORM)
+        xs_next = _load_x(x_ptr, offs, offs < k_hi, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
         for c in range(k_lo, k_hi, SCAN):
             inb = offs < k_hi
             xs = xs_next
-            xs_next = _load_x(x_ptr, offs + SCAN, offs + SCAN < k_hi, K, nw_ptr, rs, GLU, NORM)
+            xs_next = _load_x(x_ptr, offs + SCAN, offs + SCAN < k_hi, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
             keep = _keep(xs, t) & inb
             ki = keep.to(tl.int32)
             pos = count + tl.cumsum(ki, axis=0) - 1
@@ -412,7 +450,8 @@ if HAVE_TRITON:
     @triton.jit
     def _kept_list_kernel(x_ptr, thr_ptr, idx_ptr, xv_ptr, cnt_ptr, nw_ptr, eps, K, SLICE,
                           SCAN: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
-                          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
+                          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PARTS: tl.constexpr,
+                          HEAD_D: tl.constexpr):
         """Producer (PRODUCED=1 below): the kept-channel list of (segment, K slice) built once per
         launch instead of once per program; its count goes to cnt_ptr[seg * split_k + slice]."""
         if PDL:
@@ -423,7 +462,7 @@ if HAVE_TRITON:
         base = seg * K + k_lo
         rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
         count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, tl.load(thr_ptr + seg), k_lo,
-                         tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM)
+                         tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
         tl.store(cnt_ptr + seg * tl.num_programs(1) + tl.program_id(1), count)
 
     @triton.jit
@@ -436,6 +475,7 @@ if HAVE_TRITON:
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -453,7 +493,7 @@ if HAVE_TRITON:
         else:
             rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
-                             tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM)
+                             tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
         tl.debug_barrier()  # the list is complete before any thread reads it
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
@@ -568,12 +608,15 @@ def _grid(N, K, block_n, block_k, progs_per_sm, device):
 
 def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg,
             glu: bool = False, out: Optional[torch.Tensor] = None, clear: Optional[torch.Tensor] = None,
-            norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+            norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
+            partials: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """One token: x1 [K] contiguous -> y [N] in x1's dtype, with launch config `cfg` (a Config).
     glu: x1 is [gate | up] (2K) and the input is silu(gate) * up, computed as the kernel reads x.
     out: an fp32 [N] vector the product is added to (sparse_gemv_into), returned instead of a
     new y; clear: an fp32 vector this launch zeroes; norm_weight: x1 is the residual stream and
-    the input is norm_input(x1, norm_weight, eps), computed as the kernel reads x."""
+    the input is norm_input(x1, norm_weight, eps), computed as the kernel reads x; partials =
+    (splits, head_dim), splits > 0: x1 holds a split attention's partials and the input is their
+    combination (attention_input), computed as the kernel reads x."""
     K, N = wt.shape
     cfg = Config(*cfg)
     block_n, block_k = _fit_block_n(cfg.block_n, cfg.block_k, splits)
@@ -587,7 +630,8 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
             sub = _launch(x1, wt[:, start:start + n], thr[i:i + 1], (n,), sub_bias, cfg, glu,
-                          y[start:start + n] if accum else None, clear if i == 0 else None, norm_weight, eps)
+                          y[start:start + n] if accum else None, clear if i == 0 else None, norm_weight, eps,
+                          partials)
             if not accum:
                 y[start:start + n] = sub
             start += n
@@ -603,6 +647,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
                   HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
                   GLU=glu, NORM=norm, NORM_BLOCK=min(triton.next_power_of_2(K), 4096), ACCUM=accum,
+                  PARTS=partials[0], HEAD_D=partials[1],
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}),
                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x1.is_cuda else {}))
     bias_arg = bias if bias is not None else y
@@ -626,7 +671,8 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         if cfg.producer:
             _kept_list_kernel[(len(splits), split_k)](
                 x1, thr, idx, xv, lcnt, nw, eps, K, slice_, SCAN=scan, PDL=pdl, GLU=glu, NORM=norm,
-                NORM_BLOCK=common["NORM_BLOCK"], num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}))
+                NORM_BLOCK=common["NORM_BLOCK"], PARTS=partials[0], HEAD_D=partials[1], num_warps=cfg.warps,
+                **({"launch_pdl": True} if pdl else {}))
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
@@ -726,11 +772,19 @@ def sparse_gemv(x, wt, thresholds, splits=None, bias=None, glu=False):
     return _sparse_gemv_op(x, wt, thresholds, splits, bias, bool(glu))
 
 
-def _check_into(out, x, wt, clear, norm_weight, glu):
+def _check_partials(x, wt):
+    K = wt.shape[0]
+    if x.dim() != 3 or x.dtype != torch.float32 or x.shape[0] * (x.shape[2] - 2) != K:
+        raise ValueError(f"partials: x must be a split attention's fp32 partials [heads, splits, head_dim + 2] "
+                         f"with heads x head_dim = K = {K} (decode_attention_partials), got {x.dtype} "
+                         f"{tuple(x.shape)}")
+
+
+def _check_into(out, x, wt, clear, norm_weight, glu, partials=False):
     K, N = wt.shape
-    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape[-1] != N \
-            or out.numel() != x.numel() // x.shape[-1] * N:
-        raise ValueError(f"out must be a contiguous fp32 tensor of {x.numel() // x.shape[-1]} x {N} "
+    rows = 1 if partials else x.numel() // x.shape[-1]
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape[-1] != N or out.numel() != rows * N:
+        raise ValueError(f"out must be a contiguous fp32 tensor of {rows} x {N} "
                          f"values (one row of N outputs per row of x), got {out.dtype} {tuple(out.shape)}")
     if glu and norm_weight is not None:
         raise ValueError("glu and norm_weight exclude each other: down_proj's input is SiLU x up (glu), "
@@ -757,20 +811,22 @@ def _check_into(out, x, wt, clear, norm_weight, glu):
 @torch.library.custom_op("teal_nb::sparse_gemv_into", mutates_args=("out", "clear"))
 def _sparse_gemv_into_op(out: torch.Tensor, clear: Optional[torch.Tensor], x: torch.Tensor, wt: torch.Tensor,
                          thresholds: torch.Tensor, splits: list[int], bias: Optional[torch.Tensor],
-                         glu: bool, norm_weight: Optional[torch.Tensor], eps: float) -> None:
+                         glu: bool, norm_weight: Optional[torch.Tensor], eps: float, partials: bool) -> None:
     from .tuning import config_for
 
-    rows = x.numel() // x.shape[-1]
+    rows = 1 if partials else x.numel() // x.shape[-1]
     if rows != 1 or not _use_triton(x) or wt.stride(1) != 1:
-        return sparse_gemv_into_reference(out, x, wt, thresholds, splits, bias, glu, norm_weight, eps, clear)
+        return sparse_gemv_into_reference(out, x, wt, thresholds, splits, bias, glu, norm_weight, eps, clear,
+                                          partials)
     K, N = wt.shape
     thr = thresholds.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
     _launch(x.reshape(-1).contiguous(), wt, thr, splits, bias, config_for(N, K, wt.dtype, accum=True), glu,
-            out.view(-1), None if clear is None else clear.view(-1), norm_weight, eps)
+            out.view(-1), None if clear is None else clear.view(-1), norm_weight, eps,
+            (x.shape[1], x.shape[2] - 2) if partials else (0, 1))
 
 
 def sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False, norm_weight=None,
-                     eps=1e-5, clear=None) -> None:
+                     eps=1e-5, clear=None, partials=False) -> None:
     """out += (x masked by |x| > t per output segment) @ wt, summed in fp32 and not rounded.
 
     The accumulating form of sparse_gemv, for a decoder that keeps its residual stream in fp32:
@@ -782,12 +838,23 @@ def sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False, 
     norm_input(x, norm_weight, eps), RMSNorm computed inside the kernel as it reads x.
     clear: an fp32 tensor this launch zeroes (after the previous launch on the stream has
     finished), e.g. the buffer that the next qkv or gate/up launch adds into; it must not overlap
-    out or x. Several rows of x: the reference, row by row.
+    out or x. partials: x is a split attention's fp32 partials [heads, splits, head_dim + 2]
+    (decode_attention_partials) and the input is their combination, attention_input(x, wt.dtype),
+    computed as the kernel reads x: o_proj does the attention's last step, so that the attention
+    kernel has no combining tail (one token). Several rows of x: the reference, row by row.
     """
     thresholds = _thresholds_on(thresholds, x.device)
-    K, N, splits = _check(x, wt, thresholds, splits, glu)
-    _check_into(out, x, wt, clear, norm_weight, glu)
-    _sparse_gemv_into_op(out, clear, x, wt, thresholds, list(splits), bias, bool(glu), norm_weight, float(eps))
+    if partials:
+        if glu or norm_weight is not None:
+            raise ValueError("partials exclude glu and norm_weight: o_proj's input is the attention output")
+        _check_partials(x, wt)
+        K, N, splits = _check(x.new_empty(1, wt.shape[0]), wt, thresholds, splits)
+        _check_into(out, x, wt, clear, None, False, partials=True)
+    else:
+        K, N, splits = _check(x, wt, thresholds, splits, glu)
+        _check_into(out, x, wt, clear, norm_weight, glu)
+    _sparse_gemv_into_op(out, clear, x, wt, thresholds, list(splits), bias, bool(glu), norm_weight, float(eps),
+                         bool(partials))
 
 
 def prepare_weight(w) -> torch.Tensor:

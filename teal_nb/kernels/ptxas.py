@@ -33,7 +33,8 @@ def programs_per_sm(registers: int, warps: int) -> int:
 def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth: int = 1,
                      sum_rows: bool | None = None, dtype: str = "bf16", arch: int = 90,
                      glu: bool = False, accum: bool = False, clear: bool = False,
-                     norm: bool = False, k: int = 4096, maxnreg: int | None = None) -> dict:
+                     norm: bool = False, k: int = 4096, maxnreg: int | None = None,
+                     partials: int = 0) -> dict:
     """ptxas's report for `_sparse_gemv_compact_kernel` with this launch config, for sm_<arch>
     (90: the H200's sm_90a; 80: an A100).
 
@@ -41,7 +42,8 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     dtype. Integer arguments get the JIT's divisibility-by-16 hint, as in a real launch.
     accum / clear / norm: sparse_gemv_into's variants (fp32 output added to, a buffer zeroed, the
     RMSNorm of a residual stream of k entries computed inside). maxnreg: ptxas's register cap
-    (Config.maxnreg)."""
+    (Config.maxnreg); partials: x is a split attention's partials, this many splits of head
+    dimension 128 (o_proj's input in the decoder's fused step)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -61,8 +63,9 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                       PRODUCED=False, REDUCE=0, HAS_BIAS=False, EVEN_N=True, DEPTH=depth, PDL=arch >= 90,
                       FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu, NORM=norm,
                       NORM_BLOCK=min(triton.next_power_of_2(k), 4096), ACCUM=accum, HAS_CLEAR=clear,
-                      CLR_BLOCK=32)
-    types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}), **({"x_ptr": "fp32"} if norm else {}))
+                      CLR_BLOCK=32, PARTS=partials, HEAD_D=128)
+    types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}),
+                 **({"x_ptr": "fp32"} if norm or partials else {}))
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -88,7 +91,8 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     registers = int(re.search(r"Used (\d+) registers", out).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
     return dict(block_n=block_n, block_k=block_k, warps=warps, slice=slice_, depth=depth, dtype=dtype,
-                sum_rows=bool(sum_rows), glu=glu, accum=accum, clear=clear, norm=norm, arch=gpu, registers=registers, spill_bytes=spills,
+                sum_rows=bool(sum_rows), glu=glu, accum=accum, clear=clear, norm=norm, partials=partials,
+                arch=gpu, registers=registers, spill_bytes=spills,
                 programs_per_sm=programs_per_sm(registers, warps))
 
 
@@ -104,12 +108,13 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sum-rows", dest="sum_rows", action="store_false")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--maxnreg", type=int, default=None, help="ptxas's register cap")
+    ap.add_argument("--partials", type=int, default=0, help="x: a split attention's partials, this many splits")
     for flag in ("glu", "accum", "clear", "norm"):
         ap.add_argument(f"--{flag}", action="store_true", help=f"the {flag} variant (see kernel_resources)")
     a = ap.parse_args(argv)
     print(json.dumps(kernel_resources(a.block_n, a.block_k, a.warps, a.slice, a.depth, a.sum_rows,
                                       a.dtype, a.arch, a.glu, a.accum, a.clear, a.norm,
-                                      maxnreg=a.maxnreg)))
+                                      maxnreg=a.maxnreg, partials=a.partials)))
 
 
 if __name__ == "__main__":
