@@ -86,10 +86,17 @@ def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: in
 if HAVE_TRITON:
 
     @triton.jit
-    def _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE: tl.constexpr,
+    def _rope_at(cos_ptr, sin_ptr, pos_ptr, d, D: tl.constexpr):
+        """The position and its RoPE row (cos, sin in fp32)."""
+        pos = tl.load(pos_ptr)
+        return pos, tl.load(cos_ptr + pos * D + d).to(tl.float32), tl.load(sin_ptr + pos * D + d).to(tl.float32)
+
+    @triton.jit
+    def _new_row(qkv_ptr, cos, sin, j, h, d, Q_SIZE: tl.constexpr,
                  KV_SIZE: tl.constexpr, D: tl.constexpr, dt: tl.constexpr):
-        """Query head j and key/value head h of the new token, RoPE applied at `pos`: q in fp32
-        (rounded to dt first, as the eager model's q is), k and v in dt (the cache's dtype)."""
+        """Query head j and key/value head h of the new token, RoPE applied (cos, sin of the
+        position): q in fp32 (rounded to dt first, as the eager model's q is), k and v in dt (the
+        cache's dtype)."""
         HALF: tl.constexpr = D // 2
         lo = d < HALF
         rd = tl.where(lo, d + HALF, d - HALF)       # rotate_half: [-x2, x1]
@@ -99,8 +106,6 @@ if HAVE_TRITON:
         q0, q1 = tl.load(qb + d).to(tl.float32), tl.load(qb + rd).to(tl.float32)
         k0, k1 = tl.load(kb + d).to(tl.float32), tl.load(kb + rd).to(tl.float32)
         v = tl.load(qkv_ptr + Q_SIZE + KV_SIZE + h * D + d).to(dt)
-        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
         q = (q0 * cos + sgn * q1 * sin).to(dt).to(tl.float32)
         k = (k0 * cos + sgn * k1 * sin).to(dt)
         return q, k, v
@@ -108,8 +113,10 @@ if HAVE_TRITON:
     @triton.jit
     def _wait_for_qkv(PDL: tl.constexpr):
         """PDL: everything before this call may overlap the launch before (qkv's projection);
-        wait for it to finish (its output, the new row's q, k, v, is read next; the cached rows
-        were written by earlier steps), then let the next launch be scheduled."""
+        wait for it to finish (its output, the new row's q, k, v, is read next), then let the next
+        launch be scheduled. What is read before the call (the cached rows, the position, the RoPE
+        tables) was written before that launch, which waited for it: our kernels, the only ones
+        that let the next launch start early, never write it."""
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -131,10 +138,10 @@ if HAVE_TRITON:
         # position and this head's q, k, v.
         kt = tl.load(k_base + s[:, None] * stride_ks)
         vt = tl.load(v_base + s[:, None] * stride_vs)
+        pos, cos, sin = _rope_at(cos_ptr, sin_ptr, pos_ptr, d, D)
         _wait_for_qkv(PDL)
-        pos = tl.load(pos_ptr)
         dt = y_ptr.dtype.element_ty
-        q, k, v = _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE, KV_SIZE, D, dt)
+        q, k, v = _new_row(qkv_ptr, cos, sin, j, h, d, Q_SIZE, KV_SIZE, D, dt)
         if j % G == 0:  # one writer per key/value head; no program reads row pos of the cache
             tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
             tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)
@@ -203,13 +210,13 @@ if HAVE_TRITON:
         inside = s < S_MAX
         kt = tl.load(kc_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
         vt = tl.load(vc_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
+        pos, cos, sin = _rope_at(cos_ptr, sin_ptr, pos_ptr, d, D)
         _wait_for_qkv(PDL)
-        pos = tl.load(pos_ptr)
         n_active = tl.maximum((pos + BLOCK_S - 1) // BLOCK_S, 1)  # chunks holding rows < pos (>= 1)
         dt = kc_ptr.dtype.element_ty
         pb = part_ptr + (j * N_SPLIT + c) * (D + 2)
         if c < n_active:
-            q, k, v = _new_row(qkv_ptr, cos_ptr, sin_ptr, pos, j, h, d, Q_SIZE, KV_SIZE, D, dt)
+            q, k, v = _new_row(qkv_ptr, cos, sin, j, h, d, Q_SIZE, KV_SIZE, D, dt)
             if (j % G == 0) & (c == 0):
                 tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
                 tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)

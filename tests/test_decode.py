@@ -423,8 +423,9 @@ def test_attention_partials(dtype):
                                           decode_attention_reference, usable)
     from teal_nb.kernels import attention_input
 
-    if not usable(torch.device("cpu")):
-        pytest.skip("needs Triton's CPU interpreter")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU: compiled, with PDL
+    if not usable(dev):
+        pytest.skip("needs a GPU or Triton's CPU interpreter")
     dt = getattr(torch, dtype)
     # (query heads, kv heads, head dim, cache length, split rows, position): the first split
     # only, a split edge, the last split; splits past the position are empty.
@@ -435,7 +436,8 @@ def test_attention_partials(dtype):
         cos, sin = torch.randn(s, d, generator=g).to(dt), torch.randn(s, d, generator=g).to(dt)
         kc, vc = torch.randn(1, hkv, s, d, generator=g).to(dt), torch.randn(1, hkv, s, d, generator=g).to(dt)
         kr, vr, ka, va = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        pos, scale = torch.tensor([p]), 1 / math.sqrt(d)
+        qkv, cos, sin, kc, vc, kr, vr, ka, va = (t.to(dev) for t in (qkv, cos, sin, kc, vc, kr, vr, ka, va))
+        pos, scale = torch.tensor([p], device=dev), 1 / math.sqrt(d)
         part = decode_attention_partials(qkv, cos, sin, pos, kc, vc, h, scale, bs, 4)
         ref = decode_attention_partials_reference(qkv, cos, sin, pos, kr, vr, h, scale, bs)
         assert part.shape == ref.shape == (h, -(-s // bs), d + 2)
