@@ -12,6 +12,18 @@ from teal_nb.decode_calibrate import (calibrate_decode, measure_realized, nonuni
 PROMPT = "The capital of France is"
 
 
+def _cpu_kernels() -> bool:
+    from teal_nb.decode_attention import usable
+
+    return usable(torch.device("cpu"))
+
+
+# The fused step on a CPU decoder runs the Triton kernels in the interpreter, which conftest.py
+# turns on only where there is no GPU (on a GPU machine the same kernels run in test_kernels.py,
+# test_attention_partials and the decode bench's checks).
+needs_cpu_kernels = pytest.mark.skipif(not _cpu_kernels(), reason="needs Triton's CPU interpreter")
+
+
 @pytest.fixture(scope="module")
 def dec(smollm):
     model, _ = smollm
@@ -155,6 +167,7 @@ def test_dense_through_the_kernel_matches_cublas_path():
     assert not d.dense_triton and ((got - ref).norm() / ref.norm()) < 1e-5
 
 
+@needs_cpu_kernels
 @torch.no_grad()
 @pytest.mark.parametrize("partials", [True, False], ids=["partials", "attention_output"])
 def test_fused_step_matches_unfused(partials, monkeypatch):
@@ -200,6 +213,7 @@ def test_fused_step_matches_unfused(partials, monkeypatch):
     d.attention = "auto"
 
 
+@needs_cpu_kernels
 @torch.no_grad()
 def test_fused_step_bf16_is_closer_to_fp32():
     """In bf16 the fused step rounds less (its residual stream stays fp32): its logits are at
@@ -225,6 +239,7 @@ def test_fused_step_bf16_is_closer_to_fp32():
     assert err(fused, unfused) < 2e-2
 
 
+@needs_cpu_kernels
 @torch.no_grad()
 def test_fused_step_traces_whole():
     """torch.compile captures the fused step as one graph (fullgraph; aot_eager here: the mutating
