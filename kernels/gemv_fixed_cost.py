@@ -12,6 +12,8 @@ bench's timer (teal_nb.kernels.bench: CUDA graph, rotating weights, median), it 
 - `none`: nothing kept (threshold +inf): the launch's fixed cost (prologue, compaction,
   epilogue) back to back;
 - `all`: every channel kept (s = 0);
+- `empty`: a kernel that does nothing but PDL's wait and trigger, on the same grid (and one
+  that also adds one value atomically per program): the floor of a launch back to back;
 and cuBLAS on the same x. It also reports, for the random x, the most kept channels in one
 slice over their mean. A table is printed last.
 """
@@ -24,6 +26,25 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
+
+
+@triton.jit
+def _empty_kernel(y_ptr, PDL: tl.constexpr, ATOMIC: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    if ATOMIC:
+        tl.atomic_add(y_ptr + tl.program_id(0), 1.0, sem="relaxed")
+
+
+def empty_us(grid, pdl: bool, atomic: bool) -> float:
+    from teal_nb.kernels.bench import graph_us
+
+    y = torch.zeros(grid[0], device="cuda")
+    return graph_us([lambda: _empty_kernel[grid](y, PDL=pdl, ATOMIC=atomic, **({"launch_pdl": True} if pdl else {}))])
 
 
 def balanced(x: torch.Tensor, slice_: int, s: float) -> torch.Tensor:
@@ -62,8 +83,11 @@ def main():
             slice_ = min(cfg.slice, K)
             x = sb.x
             thr = lambda t: torch.full((len(sb.splits),), t, device="cuda")  # noqa: E731
-            rec = dict(shape=name, N=N, K=K, dtype=dt, slice=slice_, programs=math.ceil(N / cfg.block_n)
-                       * math.ceil(K / slice_), dense_us=round(sb.dense_us(), 3),
+            grid = (math.ceil(N / cfg.block_n), math.ceil(K / slice_))
+            rec = dict(shape=name, N=N, K=K, dtype=dt, slice=slice_, programs=grid[0] * grid[1],
+                       empty_pdl_us=round(empty_us(grid, True, False), 3),
+                       empty_pdl_atomic_us=round(empty_us(grid, True, True), 3),
+                       empty_plain_us=round(empty_us(grid, False, False), 3), dense_us=round(sb.dense_us(), 3),
                        none_us=round(sb.accum_us(thr(float("inf"))), 3), all_us=round(sb.accum_us(thr(0.0)), 3))
             for s in a.sparsities:
                 t = threshold_for(x, s)
@@ -90,7 +114,8 @@ def main():
         cells = "  ".join(f"s={s}: {r[f's{s}']['random_us']:.2f}/{r[f's{s}']['balanced_us']:.2f}/"
                           f"{r[f's{s}']['stream_us']:.2f} (max/mean {r[f's{s}']['max_over_mean_kept']:.2f})"
                           for s in a.sparsities)
-        print(f"{r['dtype']} {r['shape']:14s} dense {r['dense_us']:6.2f} none {r['none_us']:5.2f} "
+        print(f"{r['dtype']} {r['shape']:14s} empty {r['empty_plain_us']:4.2f} / PDL {r['empty_pdl_us']:4.2f} / "
+              f"+atomic {r['empty_pdl_atomic_us']:4.2f}  dense {r['dense_us']:6.2f} none {r['none_us']:5.2f} "
               f"all {r['all_us']:6.2f}  {cells}")
 
 
