@@ -23,6 +23,11 @@ Scores and probabilities stay fp32 (the torch path rounds them to the model dtyp
 is rounded once. A reference in plain torch (`decode_attention_reference`) computes the same
 function; `decode_attention` is a torch custom op that mutates the two caches in place, so that
 torch.compile keeps it in the step's CUDA graph without copying the cache.
+
+`decode_attention_partials` stops one step short, for the decoder's fused step: the split
+kernel's per-split softmax partials, which o_proj's kernel combines as it reads them
+(`sparse_gemv_into(partials=True)`), so that no arrival counter and no last program re-reading
+the partials end the attention kernel (kernels/README.md, item 17).
 """
 from __future__ import annotations
 
@@ -275,6 +280,12 @@ def _split_scratch(device: torch.device, n_part: int, n_heads: int):
     return part, cnt
 
 
+def _launch_options(qkv: torch.Tensor, warps: int) -> dict:
+    """Warps, and PDL where the GPU has it (compute capability 9+) and PDL is on."""
+    pdl = PDL and HAVE_PDL and qkv.is_cuda and _capability(qkv.device) >= 9
+    return dict(PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+
+
 def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> torch.Tensor:
     b, hkv, _, d = k_cache.shape
     if b != 1 or qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
@@ -282,8 +293,7 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
     y = torch.empty(1, 1, n_heads * d, dtype=k_cache.dtype, device=qkv.device)
     s_max = k_cache.shape[2]
     block_s, warps, split = launch_config(d, s_max)
-    pdl = PDL and HAVE_PDL and qkv.is_cuda and _capability(qkv.device) >= 9
-    launch = dict(PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+    launch = _launch_options(qkv, warps)
     if split:
         n_split = triton.cdiv(s_max, block_s)
         n_split_p2 = triton.next_power_of_2(n_split)
@@ -338,6 +348,8 @@ def decode_attention_partials_reference(qkv, cos, sin, pos, k_cache, v_cache, n_
     the new row, in split 0), the softmax-weighted values, the score maximum m and the weight
     sum l; a split with no rows is empty (0, -inf, 0). attention_input(part) is the attention."""
     b, hkv, s_max, d = k_cache.shape
+    if b != 1:
+        raise ValueError(f"decode_attention_partials_reference: batch 1 only, got {b}")
     p = int(pos.reshape(-1)[0])
     decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)  # writes row p
     x = qkv.reshape(b, -1).float()
@@ -372,17 +384,19 @@ def decode_attention_partials(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
     D + 2] (fp32; see decode_attention_partials_reference), for sparse_gemv_into(partials=True)
     to combine as o_proj reads them. (block_s, warps) from partials_config; batch 1."""
     b, hkv, s_max, d = k_cache.shape
-    if b != 1 or qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
+    if b != 1:
+        raise ValueError(f"decode_attention_partials: batch 1 only (the fused decode step's), got a cache of "
+                         f"batch {b}; decode_attention takes any batch")
+    if qkv.numel() != (n_heads + 2 * hkv) * d or not usable(qkv.device) or d & (d - 1):
         return decode_attention_partials_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale, block_s)
     n_split = triton.cdiv(s_max, block_s)
     part = torch.empty(n_heads, n_split, d + 2, dtype=torch.float32, device=qkv.device)
-    pdl = PDL and HAVE_PDL and qkv.is_cuda and _capability(qkv.device) >= 9
     # y and the arrival counters are not used without COMBINE: part stands in for both pointers.
     _decode_attention_split_kernel[(n_heads, n_split)](
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, part, part, part, s_max,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
         Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s, N_SPLIT=n_split,
-        PDL=pdl, COMBINE=False, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        COMBINE=False, **_launch_options(qkv, warps))
     return part
 
 

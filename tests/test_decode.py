@@ -471,6 +471,9 @@ def test_attention_partials(dtype):
         for pt in (part, ref):
             got = attention_input(pt, dt).view(y.shape)
             assert ((got.float() - y.float()).norm() / y.float().norm()) < tol, (dtype, p)
+    with pytest.raises(ValueError, match="batch 1"):
+        decode_attention_partials(qkv, cos, sin, pos, kc.expand(2, -1, -1, -1), vc.expand(2, -1, -1, -1), h,
+                                  scale, bs, 4)
 
 
 def test_two_stage_greedy_is_argmax():
