@@ -466,6 +466,16 @@ if HAVE_TRITON:
         tl.store(cnt_ptr + seg * tl.num_programs(1) + tl.program_id(1), count)
 
     @triton.jit
+    def _accumulate(acc, w, x, SUM_ROWS: tl.constexpr):
+        """acc + the tile's products x[k] * w[k, :] in fp32: summed over the rows as they arrive
+        (SUM_ROWS, a [BLOCK_N] accumulator; see _rows_per_thread) or kept per row."""
+        if SUM_ROWS:
+            acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
+        else:
+            acc += w.to(tl.float32) * x[:, None]
+        return acc
+
+    @triton.jit
     def _sparse_gemv_compact_kernel(
         x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr, idx_ptr, xv_ptr, lcnt_ptr,
         nw_ptr, eps, clr_ptr, CLR_N,
@@ -516,10 +526,7 @@ if HAVE_TRITON:
             for i in range(0, tl.cdiv(count, BLOCK_K)):
                 w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
                 i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, (i + 2) * BLOCK_K + ar, count)
-                if SUM_ROWS:  # see _rows_per_thread
-                    acc += tl.sum(w0.to(tl.float32) * x0[:, None], axis=0)
-                else:
-                    acc += w0.to(tl.float32) * x0[:, None]
+                acc = _accumulate(acc, w0, x0, SUM_ROWS)
                 w0, x0 = w1, x1
                 i1, x1, v1 = i2, x2, v2
         else:
@@ -528,10 +535,7 @@ if HAVE_TRITON:
             for i in range(0, tl.cdiv(count, BLOCK_K)):
                 w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N)
                 i3, x3, v3 = _kept(idx_ptr + base, xv_ptr + base, (i + 3) * BLOCK_K + ar, count)
-                if SUM_ROWS:  # see _rows_per_thread
-                    acc += tl.sum(w0.to(tl.float32) * x0[:, None], axis=0)
-                else:
-                    acc += w0.to(tl.float32) * x0[:, None]
+                acc = _accumulate(acc, w0, x0, SUM_ROWS)
                 w0, x0 = w1, x1
                 w1, x1 = w2, x2
                 i2, x2, v2 = i3, x3, v3
