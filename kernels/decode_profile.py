@@ -13,7 +13,6 @@ Sparse variants use thresholds from the dense run's own decode steps (one pass, 
 realized sparsity is near, not at, the target (the recorded sweep calibrates properly).
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -100,16 +99,14 @@ def main():
     from teal_nb.decode import Decoder, weight_bytes_per_token
     from teal_nb.decode_calibrate import calibrate_decode
     from teal_nb.kernels import sparse_gemv
-    from teal_nb.kernels.bench import copy_rate_gbps, graph_us
-
-    from teal_nb.kernels.bench import provenance
+    from teal_nb.kernels.bench import copy_rate_gbps, graph_us, provenance
+    from teal_nb.results import write_json
 
     res = {"provenance": provenance(" ".join(sys.argv)), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "variants": {}, "floors": {}}
 
-    def save():
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    def save():  # after every variant: what a run cut short measured, each file whole
+        write_json(a.out, res)
 
     res["copy_GBps"] = copy_rate_gbps()
     dec = Decoder.random(a.preset, a.dtype, "cuda", max_seq_len=256)

@@ -66,26 +66,30 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _new_token(qkv, cos, sin, p: int, k_cache, v_cache, n_heads: int):
+    """The references' common part: the new token's k and v written into the caches at p, and
+    (q [B, H, D], keys and values [B, H, p+1, D]) in fp32, q and k RoPE'd and rounded to the cache
+    dtype as the kernel rounds them, each key/value head repeated for its group."""
+    b, hkv, _, d = k_cache.shape
+    q_size, kv_size = n_heads * d, hkv * d
+    x = qkv.reshape(b, -1).float()
+    c, s = cos[p].float(), sin[p].float()
+    q = _rope(x[:, :q_size].view(b, n_heads, d), c, s).to(k_cache.dtype).float()
+    k_cache[:, :, p] = _rope(x[:, q_size:q_size + kv_size].view(b, hkv, d), c, s).to(k_cache.dtype)
+    v_cache[:, :, p] = x[:, q_size + kv_size:].view(b, hkv, d).to(v_cache.dtype)
+    g = n_heads // hkv
+    return (q, k_cache[:, :, :p + 1].float().repeat_interleave(g, dim=1),
+            v_cache[:, :, :p + 1].float().repeat_interleave(g, dim=1))
+
+
 def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float):
     """Pure torch, the kernel's function (fp32 math, q/k rounded to the cache dtype): writes
     k_cache/v_cache [B, Hkv, S, D] at `pos` and returns y [B, 1, n_heads * D] in the cache's dtype
     (the model's: qkv may be an fp32 accumulator, sparse_gemv_into's)."""
-    b, hkv, _, d = k_cache.shape
-    q_size, kv_size = n_heads * d, hkv * d
-    p = int(pos.reshape(-1)[0])
-    x = qkv.reshape(b, -1).float()
-    c, s = cos[p].float(), sin[p].float()
-    q = _rope(x[:, :q_size].view(b, n_heads, d), c, s).to(k_cache.dtype).float()
-    k = _rope(x[:, q_size:q_size + kv_size].view(b, hkv, d), c, s).to(k_cache.dtype)
-    v = x[:, q_size + kv_size:].view(b, hkv, d).to(v_cache.dtype)
-    k_cache[:, :, p] = k
-    v_cache[:, :, p] = v
-    g = n_heads // hkv
-    kk = k_cache[:, :, :p + 1].float().repeat_interleave(g, dim=1)  # [B, H, p+1, D]
-    vv = v_cache[:, :, :p + 1].float().repeat_interleave(g, dim=1)
+    q, kk, vv = _new_token(qkv, cos, sin, int(pos.reshape(-1)[0]), k_cache, v_cache, n_heads)
     att = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, kk) * scale, dim=-1)
     y = torch.einsum("bhs,bhsd->bhd", att, vv)
-    return y.reshape(b, 1, q_size).to(k_cache.dtype)
+    return y.reshape(q.shape[0], 1, -1).to(k_cache.dtype)
 
 
 if HAVE_TRITON:
@@ -259,7 +263,12 @@ def launch_config(head_dim: int, s_max: int) -> tuple[int, int, int]:
     """(BLOCK_S, num_warps, split): the first block is loaded unmasked, so BLOCK_S <= the cache
     length; split = 1 selects the flash-decoding kernel."""
     block_s, warps, split = (tuple(CONFIGS.get((head_dim, s_max), (64, 4))) + (0,))[:3]
-    return min(block_s, 1 << (s_max.bit_length() - 1)), warps, split
+    return _fit_block_s(block_s, s_max), warps, split
+
+
+def _fit_block_s(block_s: int, s_max: int) -> int:
+    """BLOCK_S capped at the largest power of two within the cache length."""
+    return min(block_s, 1 << (s_max.bit_length() - 1))
 
 
 # Split kernel scratch per device: partials and per-head arrival counters (left zeroed by the
@@ -336,7 +345,7 @@ def partials_config(head_dim: int, s_max: int) -> tuple[int, int] | None:
     that needs more than MAX_PARTIAL_SPLITS splits (long caches keep decode_attention)."""
     block_s, warps, split = launch_config(head_dim, s_max)
     if not split:
-        block_s, warps = min(64, 1 << (s_max.bit_length() - 1)), 4
+        block_s, warps = _fit_block_s(64, s_max), 4
     return (block_s, warps) if -(-s_max // block_s) <= MAX_PARTIAL_SPLITS else None
 
 
@@ -347,17 +356,11 @@ def decode_attention_partials_reference(qkv, cos, sin, pos, k_cache, v_cache, n_
     query head j and split c, over the cached rows c*block_s .. (c+1)*block_s - 1 below pos (and
     the new row, in split 0), the softmax-weighted values, the score maximum m and the weight
     sum l; a split with no rows is empty (0, -inf, 0). attention_input(part) is the attention."""
-    b, hkv, s_max, d = k_cache.shape
+    b, _, s_max, d = k_cache.shape
     if b != 1:
         raise ValueError(f"decode_attention_partials_reference: batch 1 only, got {b}")
     p = int(pos.reshape(-1)[0])
-    decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale)  # writes row p
-    x = qkv.reshape(b, -1).float()
-    c, s = cos[p].float(), sin[p].float()
-    q = _rope(x[:, :n_heads * d].view(n_heads, d), c, s).to(k_cache.dtype).float()
-    g = n_heads // hkv
-    kk = k_cache[0, :, :p + 1].float().repeat_interleave(g, dim=0)  # [H, p+1, D], row p the new one
-    vv = v_cache[0, :, :p + 1].float().repeat_interleave(g, dim=0)
+    q, kk, vv = (t[0] for t in _new_token(qkv, cos, sin, p, k_cache, v_cache, n_heads))  # row p the new one
     sc = torch.einsum("hd,hsd->hs", q, kk) * scale
     n_split = -(-s_max // block_s)
     part = torch.zeros(n_heads, n_split, d + 2, device=qkv.device)

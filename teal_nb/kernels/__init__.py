@@ -14,10 +14,11 @@ Sparse GEMV (TEAL's decode kernel), the API the decoder uses::
     y_ref = sparse_gemv_reference(x, wt, thresholds, splits=None, bias=None)   # pure torch, fp32
 
     sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False,
-                     norm_weight=None, eps=1e-5, clear=None)
+                     norm_weight=None, eps=1e-5, clear=None, partials=False)
         # out (fp32 [N]) += the masked product, not rounded: no split-K counter, no new tensor.
         # norm_weight: x is the residual stream, RMSNorm is computed inside the kernel;
-        # glu: x is [gate | up]; clear: an fp32 buffer the launch zeroes (the next one's out).
+        # glu: x is [gate | up]; clear: an fp32 buffer the launch zeroes (the next one's out);
+        # partials: x is a split attention's partials, combined as it is read (attention_input).
         # Twin: sparse_gemv_into_reference (same signature).
 
 Keep `thresholds` on x's device (a CPU tensor is copied on every call, which a CUDA graph

@@ -86,11 +86,17 @@ def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
     return splits
 
 
-def _check(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, splits, glu: bool = False):
+def _check(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, splits, glu: bool = False,
+           partials: bool = False):
     if wt.dim() != 2:
         raise ValueError(f"wt must be [K, N] (from prepare_weight), got {tuple(wt.shape)}")
     K, N = wt.shape
-    if x.shape[-1] != (2 * K if glu else K):
+    if partials:
+        if x.dim() != 3 or x.dtype != torch.float32 or x.shape[0] * (x.shape[2] - 2) != K:
+            raise ValueError(f"partials: x must be a split attention's fp32 partials [heads, splits, head_dim + 2] "
+                             f"with heads x head_dim = K = {K} (decode_attention_partials), got {x.dtype} "
+                             f"{tuple(x.shape)}")
+    elif x.shape[-1] != (2 * K if glu else K):
         raise ValueError(f"x has {x.shape[-1]} features, wt expects K={K}"
                          + (f" (glu: [gate | up], 2K = {2 * K})" if glu else ""))
     splits = _splits(splits, N)
@@ -165,11 +171,10 @@ def sparse_gemv_into_reference(out, x, wt, thresholds, splits=None, bias=None, g
     """Pure-torch twin of sparse_gemv_into: out (fp32) += the masked product, not rounded; the
     input is glu_input(x, wt.dtype) (glu), norm_input(x, norm_weight, eps) (norm),
     attention_input(x, wt.dtype) (partials) or x; clear (if given) is zeroed."""
+    K, N, splits = _check(x, wt, thresholds, splits, glu, partials)
     if partials:
-        _check_partials(x, wt)
         x = attention_input(x, wt.dtype)
-    K, N, splits = _check(x, wt, thresholds, splits, glu)
-    if glu:
+    elif glu:
         x = glu_input(x, wt.dtype)
     elif norm_weight is not None:
         x = norm_input(x, norm_weight, eps)
@@ -646,11 +651,9 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     b2 = bounds[0] + bounds[1] if len(bounds) >= 2 else N
     pdl = bool(cfg.pdl) and HAVE_PDL and x1.is_cuda and _capability(x1.device) >= 9
     norm = norm_weight is not None
-    # NORM: the whole residual stream of a Llama-3-8B (4096 entries) in one block, one round trip
-    # to L2 instead of two in a loop (ptxas: 174 registers either way for the decoder's configs).
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
                   HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
-                  GLU=glu, NORM=norm, NORM_BLOCK=min(triton.next_power_of_2(K), 4096), ACCUM=accum,
+                  GLU=glu, NORM=norm, NORM_BLOCK=_norm_block(K), ACCUM=accum,
                   PARTS=partials[0], HEAD_D=partials[1],
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}),
                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x1.is_cuda else {}))
@@ -687,6 +690,12 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, nw, eps, clr_arg, clr_n,
         N, K, wt.stride(0), b1, b2, iters, **clr, **common)
     return y
+
+
+def _norm_block(K: int) -> int:
+    """NORM's block: the whole residual stream of a Llama-3-8B (4096 entries) at once, one round
+    trip to L2 instead of two in a loop (ptxas: 174 registers either way for the decoder's configs)."""
+    return min(triton.next_power_of_2(K), 4096)
 
 
 def _scan(cfg: Config, slice_: int) -> int:
@@ -776,14 +785,6 @@ def sparse_gemv(x, wt, thresholds, splits=None, bias=None, glu=False):
     return _sparse_gemv_op(x, wt, thresholds, splits, bias, bool(glu))
 
 
-def _check_partials(x, wt):
-    K = wt.shape[0]
-    if x.dim() != 3 or x.dtype != torch.float32 or x.shape[0] * (x.shape[2] - 2) != K:
-        raise ValueError(f"partials: x must be a split attention's fp32 partials [heads, splits, head_dim + 2] "
-                         f"with heads x head_dim = K = {K} (decode_attention_partials), got {x.dtype} "
-                         f"{tuple(x.shape)}")
-
-
 def _check_into(out, x, wt, clear, norm_weight, glu, partials=False):
     K, N = wt.shape
     rows = 1 if partials else x.numel() // x.shape[-1]
@@ -793,6 +794,8 @@ def _check_into(out, x, wt, clear, norm_weight, glu, partials=False):
     if glu and norm_weight is not None:
         raise ValueError("glu and norm_weight exclude each other: down_proj's input is SiLU x up (glu), "
                          "qkv's and gate/up's the normed residual stream (norm_weight); pass one")
+    if partials and (glu or norm_weight is not None):
+        raise ValueError("partials exclude glu and norm_weight: o_proj's input is the attention output")
     if norm_weight is not None and norm_weight.shape != (K,):
         raise ValueError(f"norm_weight must be [{K}] (the RMSNorm weight of wt's K inputs), "
                          f"got {tuple(norm_weight.shape)}")
@@ -848,15 +851,8 @@ def sparse_gemv_into(out, x, wt, thresholds, splits=None, bias=None, glu=False, 
     kernel has no combining tail (one token). Several rows of x: the reference, row by row.
     """
     thresholds = _thresholds_on(thresholds, x.device)
-    if partials:
-        if glu or norm_weight is not None:
-            raise ValueError("partials exclude glu and norm_weight: o_proj's input is the attention output")
-        _check_partials(x, wt)
-        K, N, splits = _check(x.new_empty(1, wt.shape[0]), wt, thresholds, splits)
-        _check_into(out, x, wt, clear, None, False, partials=True)
-    else:
-        K, N, splits = _check(x, wt, thresholds, splits, glu)
-        _check_into(out, x, wt, clear, norm_weight, glu)
+    K, N, splits = _check(x, wt, thresholds, splits, glu, partials)
+    _check_into(out, x, wt, clear, norm_weight, glu, partials)
     _sparse_gemv_into_op(out, clear, x, wt, thresholds, list(splits), bias, bool(glu), norm_weight, float(eps),
                          bool(partials))
 

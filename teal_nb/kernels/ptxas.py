@@ -62,7 +62,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     constexprs = dict(BLOCK_N=block_n, BLOCK_K=block_k, SCAN=gemv._scan(cfg, slice_),
                       PRODUCED=False, REDUCE=0, HAS_BIAS=False, EVEN_N=True, DEPTH=depth, PDL=arch >= 90,
                       FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu, NORM=norm,
-                      NORM_BLOCK=min(triton.next_power_of_2(k), 4096), ACCUM=accum, HAS_CLEAR=clear,
+                      NORM_BLOCK=gemv._norm_block(k), ACCUM=accum, HAS_CLEAR=clear,
                       CLR_BLOCK=32, PARTS=partials, HEAD_D=128)
     types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}),
                  **({"x_ptr": "fp32"} if norm or partials else {}))
