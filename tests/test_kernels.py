@@ -237,38 +237,6 @@ def test_into_accumulates_like_reference(dtype, mode, cfg):
         assert rel_err(out, ref) < 1e-5
 
 
-@needs_kernel
-@pytest.mark.parametrize("mode", ["plain", "norm", "glu"])
-def test_register_head_equals_the_list(mode, monkeypatch):
-    """The compacting kernel's first tiles from the prefix sum's registers (gemv.REG_HEAD) pick the
-    same rows and values as the kept list it re-reads otherwise: bit-identical outputs, with one
-    K slice (no atomics: a deterministic order on a GPU too) and with REDUCE=1's fixed order, at
-    0-99% sparsity, for counts that end inside the register tiles and past them."""
-    from teal_nb.kernels import gemv
-
-    K, N = 70, 64
-    w, _, _ = make(N, K, torch.bfloat16, 0.0, seed=11)
-    wt = prepare_weight(w)
-    x, kw = _into_case(mode, torch.bfloat16, K, N, seed=12)
-    xin = (norm_input(x, kw["norm_weight"], 1e-5) if mode == "norm" else
-           glu_input(x, torch.bfloat16) if mode == "glu" else x)
-    for cfg in ((32, 8, 4, 0, 0, 1 << 30, 1), (32, 8, 4, 0, 0, 1 << 30, 2), (16, 8, 2, 0, 1, 40, 2)):
-        a = xin.float().abs().sort().values.cpu()
-        for s in (0.0, 0.5, 0.8, 0.99):
-            # (In a wide gap between |input| values near the s-quantile, as above: the interpreter
-            # rounds to bf16 by truncation, the reference to nearest.)
-            i = max(range(max(1, int(s * K) - 3), min(K, int(s * K) + 4)), key=lambda j: a[j] - a[j - 1])
-            thr = torch.tensor([float(a[i] + a[i - 1]) / 2 if s else 0.0], device=DEV)
-            outs = []
-            for head in (True, False):
-                monkeypatch.setattr(gemv, "REG_HEAD", head)
-                assert gemv._reg_head(gemv.Config(*cfg), min(cfg[5], K)) == head
-                outs.append(_launch(x, wt, thr, (N,), None, cfg, kw.get("glu", False),
-                                    norm_weight=kw.get("norm_weight")))
-            assert torch.equal(outs[0], outs[1]), (cfg, s)
-            assert rel_err(outs[0], ref32(xin, wt, thr)) < TOL[torch.bfloat16], (cfg, s)
-
-
 def _partials(heads, splits, d, empty, seed):
     """Split-attention partials [heads, splits, d + 2] (values, max, sum) with `empty` splits
     (m = -inf, l = 0) at the end, as decode_attention_partials leaves them."""

@@ -77,10 +77,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # partial sums (a PTX release is cumulative over barrier-synchronized writes), and the fence cost
 # ~2 us per layer (kernels/README.md, item 10). TEAL_GEMV_FENCE=1 puts it back.
 GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
-# The compacting kernel's first tiles straight from the prefix sum's registers (where its slice
-# fits one step): kernels/README.md, item 18. A module flag, read at launch, for A/B runs in one
-# process (kernels/gemv_fixed_cost.py --ab REG_HEAD); TEAL_GEMV_REG_HEAD=0 turns it off.
-REG_HEAD = os.environ.get("TEAL_GEMV_REG_HEAD", "1") == "1"
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -400,13 +396,9 @@ if HAVE_TRITON:
         if NORM:
             r = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            return _normed(r, w, rs, nw_ptr.dtype.element_ty)
+            xn = (r * rs).to(nw_ptr.dtype.element_ty).to(tl.float32)
+            return (xn * w).to(nw_ptr.dtype.element_ty).to(tl.float32)
         return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _normed(r, w, rs, dtype: tl.constexpr):
-        """w * round(r * rs), rounded to the norm weight's dtype: HF Llama's RMSNorm, in fp32."""
-        return (w * (r * rs).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
 
     @triton.jit
     def _norm_scale(x_ptr, K, eps, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
@@ -455,37 +447,6 @@ if HAVE_TRITON:
         return count
 
     @triton.jit
-    def _compact_head(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, nw_ptr, eps, SCAN: tl.constexpr,
-                      GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                      PARTS: tl.constexpr, HEAD_D: tl.constexpr):
-        """_compact for a slice that fits one SCAN step (REG_HEAD), which also returns the step's
-        registers (channels, values, kept, inclusive prefix sum of kept) so that the first tiles'
-        rows can be found without re-reading the list (_kept_regs). With NORM the slice's own
-        loads go out before the norm's reduction: one round trip to L2, not two."""
-        offs = k_lo + tl.arange(0, SCAN)
-        inb = offs < k_hi
-        if NORM:
-            r = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            w = tl.load(nw_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            xs = _normed(r, w, _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK), nw_ptr.dtype.element_ty)
-        else:
-            xs = _load_x(x_ptr, offs, inb, K, nw_ptr, 1.0, GLU, NORM, PARTS, HEAD_D)
-        keep = _keep(xs, t) & inb
-        cs = tl.cumsum(keep.to(tl.int32), axis=0)
-        tl.store(idx_ptr + cs - 1, offs, mask=keep)
-        tl.store(xv_ptr + cs - 1, xs, mask=keep)
-        return tl.sum(keep.to(tl.int32), axis=0), offs, xs, keep, cs
-
-    @triton.jit
-    def _kept_regs(offs, xs, keep, cs, j, count):
-        """Entries j of the kept-channel list from _compact_head's registers: the j-th kept channel
-        is the kept one whose inclusive prefix sum is j + 1. A [len(j), SCAN] compare and two sums
-        across the program: no store, barrier and load before the first W rows can be requested."""
-        hit = keep[None, :] & (cs[None, :] == j[:, None] + 1)
-        return (tl.sum(tl.where(hit, offs[None, :], 0), axis=1),
-                tl.sum(tl.where(hit, xs[None, :], 0.0), axis=1), j < count)
-
-    @triton.jit
     def _kept(idx_ptr, xv_ptr, j, count):
         """Entries j of the kept-channel list: (channel, value, valid); past the end: (0, 0, False)."""
         v = j < count
@@ -529,7 +490,7 @@ if HAVE_TRITON:
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
-        PARTS: tl.constexpr, HEAD_D: tl.constexpr, HEAD: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -540,24 +501,15 @@ if HAVE_TRITON:
         #    write identical lists to the same place, so the overlapping writes are harmless and
         #    no program needs another's: there is no dependency between programs.
         #    PRODUCED: _kept_list_kernel, launched just before, has written the list already.
-        #    HEAD (the slice fits one prefix-sum step): the first DEPTH + 1 tiles' rows come from
-        #    the step's registers, so their W loads go out before the barrier that completes the
-        #    list for the rest (the list's store, barrier and load were ~0.5 us of every launch's
-        #    serial chain, kernels/README.md item 18).
         k_lo = tl.program_id(1) * SLICE
         base = seg * K + k_lo
         if PRODUCED:
             count = tl.load(lcnt_ptr + seg * tl.num_programs(1) + tl.program_id(1))
-        elif HEAD:
-            count, h_offs, h_x, h_keep, h_cs = _compact_head(
-                x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo, tl.minimum(k_lo + SLICE, K), K, nw_ptr, eps,
-                SCAN, GLU, NORM, NORM_BLOCK, PARTS, HEAD_D)
         else:
             rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
                              tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
-        if not HEAD:
-            tl.debug_barrier()  # the list is complete before any thread reads it
+        tl.debug_barrier()  # the list is complete before any thread reads it
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
         #    row a contiguous BLOCK_N-wide segment), software-pipelined by hand in registers:
@@ -568,21 +520,9 @@ if HAVE_TRITON:
         #    tiles past the list are fully masked and move no bytes.
         ar = tl.arange(0, BLOCK_K)
         w_base = wt_ptr + offs_n[None, :]
-        if HEAD:
-            i0, x0, v0 = _kept_regs(h_offs, h_x, h_keep, h_cs, ar, count)
-            w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
-            i1, x1, v1 = _kept_regs(h_offs, h_x, h_keep, h_cs, BLOCK_K + ar, count)
-            if DEPTH == 2:  # the third tile too: the loop below reads the list from tile DEPTH + 1 on
-                w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
-                i2, x2, v2 = _kept_regs(h_offs, h_x, h_keep, h_cs, 2 * BLOCK_K + ar, count)
-            tl.debug_barrier()  # the list is complete before any thread reads it
-        else:
-            i0, x0, v0 = _kept(idx_ptr + base, xv_ptr + base, ar, count)
-            w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
-            i1, x1, v1 = _kept(idx_ptr + base, xv_ptr + base, BLOCK_K + ar, count)
-            if DEPTH == 2:
-                w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
-                i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, 2 * BLOCK_K + ar, count)
+        i0, x0, v0 = _kept(idx_ptr + base, xv_ptr + base, ar, count)
+        w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
+        i1, x1, v1 = _kept(idx_ptr + base, xv_ptr + base, BLOCK_K + ar, count)
         if SUM_ROWS:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         else:
@@ -595,6 +535,8 @@ if HAVE_TRITON:
                 w0, x0 = w1, x1
                 i1, x1, v1 = i2, x2, v2
         else:
+            w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
+            i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, 2 * BLOCK_K + ar, count)
             for i in range(0, tl.cdiv(count, BLOCK_K)):
                 w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N)
                 i3, x3, v3 = _kept(idx_ptr + base, xv_ptr + base, (i + 3) * BLOCK_K + ar, count)
@@ -741,8 +683,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype),
-            HEAD=_reg_head(cfg, slice_), **clr, **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
@@ -761,12 +702,6 @@ def _scan(cfg: Config, slice_: int) -> int:
     """Channels per prefix-sum step of the compacting kernel, by default 8 per thread: 32 per
     thread took 250 registers (4 warps) and so cut the programs per SM."""
     return min(triton.next_power_of_2(slice_), cfg.scan or 256 * cfg.warps)
-
-
-def _reg_head(cfg: Config, slice_: int) -> bool:
-    """HEAD: the first tiles' rows from the prefix sum's registers (REG_HEAD), where the slice fits
-    one prefix-sum step and the program builds its own list."""
-    return REG_HEAD and not cfg.producer and slice_ <= _scan(cfg, slice_)
 
 
 def _rows_per_thread(cfg: Config, dtype: torch.dtype) -> bool:
