@@ -2,7 +2,7 @@
 module flag of teal_nb.kernels.gemv off and on, interleaved (off, on, off, on), each a median of
 the bench's timer (CUDA graph, rotating weights).
 
-    PYTHONPATH=. python kernels/ab_gemv.py --flag REG_HEAD --out $OUT/ab_gemv.json
+    PYTHONPATH=. python kernels/ab_gemv.py --flag ALL_ROWS --out $OUT/ab_gemv.json
 
 Per shape (sparse_gemv_into with tuning.ACCUM, plain x): nothing kept (threshold +inf) and the
 given sparsities; then the decoder's fused layer chain (bench.layer_chain_fused: norms inside,
@@ -25,7 +25,7 @@ def main():
     from teal_nb.results import write_json
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--flag", default="REG_HEAD", help="a boolean of teal_nb.kernels.gemv")
+    ap.add_argument("--flag", required=True, help="a boolean of teal_nb.kernels.gemv read at launch (ALL_ROWS)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.4, 0.5, 0.65])
     ap.add_argument("--shapes", nargs="+", default=list(bench.FUSED_LAYER) + ["k|v", "gate|up"])
