@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
-                    help="comma list of backend:attention[:nopdl][:nopartials][:noallrows] (see run_variant)")
+                    help="comma list of backend:attention[:nopdl][:nopartials] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -95,7 +95,6 @@ def main():
     ic.fx_graph_cache = True
     torch._dynamo.config.cache_size_limit = 64
     from teal_nb import decode_attention
-    from teal_nb.kernels import gemv
     from teal_nb.config import SITES
     from teal_nb.decode import Decoder, weight_bytes_per_token
     from teal_nb.decode_calibrate import calibrate_decode
@@ -166,14 +165,12 @@ def main():
 
     def run_variant(key, mode="reduce-overhead"):
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
-        # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
-        # "noallrows": the sparse GEMV compacts its slice at t <= 0 too (gemv.ALL_ROWS off).
+        # splits itself (decode_attention) instead of o's kernel (decode_attention_partials).
         backend, attn, *opt = key.split(":")
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt
         decode_attention.MAX_PARTIAL_SPLITS = 0 if "nopartials" in opt else max_partials
-        gemv.ALL_ROWS = "noallrows" not in opt
         torch._dynamo.reset()  # a fresh capture: the flag is read at capture, and dynamo would reuse the last
         if backend == "dense":
             dec.set_sparsity(None, backend="dense")

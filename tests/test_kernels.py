@@ -237,38 +237,6 @@ def test_into_accumulates_like_reference(dtype, mode, cfg):
         assert rel_err(out, ref) < 1e-5
 
 
-@needs_kernel
-@pytest.mark.parametrize("mode", ["plain", "norm", "glu"])
-def test_all_rows_branch_equals_the_compacting_path(mode, monkeypatch):
-    """t <= 0 (every nonzero channel kept): the compacting kernel streams its slice uncompacted
-    (gemv.ALL_ROWS). With a negative threshold both paths sum the same rows in the same order:
-    bit-identical, one K slice (no atomics) and REDUCE=1's fixed order alike. At t = 0 a zero and
-    a NaN input are dropped on both paths, like the reference."""
-    from teal_nb.kernels import gemv
-
-    K, N = 70, 64
-    w, _, _ = make(N, K, torch.bfloat16, 0.0, seed=13)
-    wt = prepare_weight(w)
-    x, kw = _into_case(mode, torch.bfloat16, K, N, seed=14)
-    glu = kw.get("glu", False)
-    for cfg in ((32, 8, 4, 0, 0, 1 << 30, 1), (32, 8, 4, 0, 0, 1 << 30, 2), (16, 8, 2, 0, 1, 40, 2)):
-        for t, x_t in ((-1.0, x), (0.0, x.clone().index_fill_(0, torch.tensor([3, 40], device=DEV), 0.0)
-                                   .index_fill_(0, torch.tensor([9], device=DEV), float("nan")))):
-            thr = torch.tensor([t], device=DEV)
-            outs = []
-            for all_rows in (True, False):
-                monkeypatch.setattr(gemv, "ALL_ROWS", all_rows)
-                outs.append(_launch(x_t, wt, thr, (N,), None, cfg, glu, norm_weight=kw.get("norm_weight")))
-            if t < 0:
-                assert torch.equal(outs[0], outs[1]), cfg
-            if mode != "norm" or t < 0:  # (a NaN in the residual stream makes the norm NaN everywhere)
-                xin = (norm_input(x_t, kw["norm_weight"], 1e-5) if mode == "norm" else
-                       glu_input(x_t, torch.bfloat16) if glu else x_t)
-                for y in outs:
-                    assert not y.isnan().any(), (cfg, t)
-                    assert rel_err(y, ref32(xin, wt, thr)) < TOL[torch.bfloat16], (cfg, t)
-
-
 def _partials(heads, splits, d, empty, seed):
     """Split-attention partials [heads, splits, d + 2] (values, max, sum) with `empty` splits
     (m = -inf, l = 0) at the end, as decode_attention_partials leaves them."""
@@ -602,9 +570,8 @@ def test_ptxas_row_sums_save_registers():
     # The accumulating form (sparse_gemv_into, with a clear and the norm inside) builds too, and
     # its SUM_ROWS kernel gets fewer registers than the counter's (kernels/README.md, item 13:
     # ptxas then issues the next tile's loads later, which is why tuning.ACCUM does without it).
-    # (The compacting loop's allocation: without the t <= 0 branch, which takes 128 there.)
     p = subprocess.run([sys.executable, "-m", "teal_nb.kernels.ptxas", "1024", "8", "4", "224", "--sum-rows",
-                        "--accum", "--clear", "--norm", "--no-all-rows"], capture_output=True, text=True, env=env)
+                        "--accum", "--clear", "--norm"], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     accum = json.loads(p.stdout)
     assert accum["accum"] and accum["norm"] and accum["spill_bytes"] == 0

@@ -23,9 +23,7 @@ Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by m
   flight, pipelined by hand in registers; the trip count falls with sparsity. Optionally the
   list is built once per launch by `_kept_list_kernel` (PRODUCER; measured slower) and either
   kernel can use programmatic dependent launch (PDL, chosen for every Llama-3-8B shape since
-  sweep 8: kernels/README.md, item 11). When t <= 0 (s = 0, or a dense step through the kernel)
-  there is nothing to skip: it streams its slice like the masked kernel, without the list, its
-  first W rows requested before x arrives (ALL_ROWS, item 19).
+  sweep 8: kernels/README.md, item 11).
 * Products are summed in fp32. In the compacting loop, when each thread holds whole columns of
   a tile, its rows are summed as they arrive into a [BLOCK_N] accumulator (SUM_ROWS: fewer
   registers, more programs per SM; bf16 and fp32 only, see _rows_per_thread).
@@ -79,11 +77,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # partial sums (a PTX release is cumulative over barrier-synchronized writes), and the fence cost
 # ~2 us per layer (kernels/README.md, item 10). TEAL_GEMV_FENCE=1 puts it back.
 GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
-# The compacting kernel streams its slice without compacting it when t <= 0 (s = 0, or the dense
-# step through the kernel), its first W rows requested before x arrives (kernels/README.md, item
-# 19). A module flag, read at launch, for A/B runs in one process (kernels/ab_gemv.py);
-# TEAL_GEMV_ALL_ROWS=0 turns it off.
-ALL_ROWS = os.environ.get("TEAL_GEMV_ALL_ROWS", "1") == "1"
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -332,73 +325,40 @@ if HAVE_TRITON:
         """Masked variant: walks its K slice tile by tile, loading only the kept rows of each."""
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
         _clear(clr_ptr, CLR_N, HAS_CLEAR, CLR_BLOCK)
+        rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
         # This program's K slice: ITERS tiles of BLOCK_K input channels.
         k0 = tl.program_id(1) * ITERS * BLOCK_K
-        part = _slice_tiles(x_ptr, wt_ptr + offs_n[None, :], t, k0, tl.minimum(k0 + ITERS * BLOCK_K, K), ITERS,
-                            K, nw_ptr, eps, nmask, stride_wk, BLOCK_K, EVEN_N, False, GLU, NORM, NORM_BLOCK,
-                            PARTS, HEAD_D, False)
-        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
-                  ACCUM)
-
-    @triton.jit
-    def _slice_tiles(x_ptr, w_base, t, k0, k_hi, n_tiles, K, nw_ptr, eps, nmask, stride_wk,
-                     BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, SUM_ROWS: tl.constexpr,
-                     GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                     PARTS: tl.constexpr, HEAD_D: tl.constexpr, ALL_ROWS: tl.constexpr):
-        """[BLOCK_N] fp32: sum over input channels k0 .. k_hi-1 (n_tiles tiles of BLOCK_K) of
-        x[k] [|x[k]| > t] W^T[k, :], walking the slice tile by tile.
-
-        Software-pipelined by hand (registers, works in the interpreter too): each program keeps
-        the next W tile in flight while it multiplies the current one. Masked (ALL_ROWS off): a
-        tile loads only its kept rows (a masked-off row issues no memory transaction), so x is
-        loaded two steps ahead, W one. ALL_ROWS (the compacting kernel when t <= 0, where every
-        nonzero channel is kept): every row of the slice, requested before x is known (the first
-        W tile is not behind x's round trip to L2, nor the norm's), x one step ahead with W; a
-        dropped channel (x = 0, or NaN at t = 0) multiplies as zero."""
         ar_k = tl.arange(0, BLOCK_K)
+        w_base = wt_ptr + offs_n[None, :]
+
+        # Software pipeline by hand (registers, works in the interpreter too): the x tile is
+        # loaded two steps ahead and the W tile one step ahead of the multiply-add, so each
+        # program keeps a W tile in flight while it multiplies the previous one.
         offs_k = k0 + ar_k
-        inb = offs_k < k_hi
-        if ALL_ROWS:
-            w_cur = _load_rows(w_base, offs_k, inb, nmask, stride_wk, EVEN_N)
-        rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
-        x_cur, keep = _kept_x(_load_x(x_ptr, offs_k, inb, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D), t, inb)
-        if not ALL_ROWS:
-            w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
-            offs_k = k0 + BLOCK_K + ar_k
-            x_nxt = _load_x(x_ptr, offs_k, offs_k < k_hi, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
-        if SUM_ROWS:
-            acc = tl.zeros([nmask.shape[0]], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_K, nmask.shape[0]], dtype=tl.float32)
-        for i in range(1, n_tiles):
+        x_cur = _load_x(x_ptr, offs_k, offs_k < K, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
+        # The fused threshold: keep channel k iff |x[k]| > t (NaN > t is False: dropped; t < 0:
+        # every channel, NaN included).
+        keep = _keep(x_cur, t) & (offs_k < K)
+        x_cur = tl.where(keep, x_cur, 0.0)
+        w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
+        offs_k = k0 + BLOCK_K + ar_k
+        x_nxt = _load_x(x_ptr, offs_k, (offs_k < K) & (ITERS > 1), K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for i in range(1, ITERS):
             offs_k = k0 + i * BLOCK_K + ar_k
-            inb = offs_k < k_hi
-            if ALL_ROWS:  # W and x of the next tile together (W does not wait for x)
-                w_nxt = _load_rows(w_base, offs_k, inb, nmask, stride_wk, EVEN_N)
-                x_nxt, keep = _kept_x(_load_x(x_ptr, offs_k, inb, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D), t, inb)
-            else:  # the next tile's kept rows, and x one tile further ahead
-                x_nxt, keep = _kept_x(x_nxt, t, inb)
-                w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
-                offs_k2 = offs_k + BLOCK_K
-                x_nn = _load_x(x_ptr, offs_k2, offs_k2 < k_hi, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
-            acc = _accumulate(acc, w_cur, x_cur, SUM_ROWS)
+            keep = _keep(x_nxt, t) & (offs_k < K)
+            x_nxt = tl.where(keep, x_nxt, 0.0)
+            w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
+            offs_k2 = offs_k + BLOCK_K
+            x_nn = _load_x(x_ptr, offs_k2, (offs_k2 < K) & (i + 1 < ITERS), K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
+            acc += w_cur.to(tl.float32) * x_cur[:, None]
             x_cur = x_nxt
             w_cur = w_nxt
-            if not ALL_ROWS:
-                x_nxt = x_nn
-        acc = _accumulate(acc, w_cur, x_cur, SUM_ROWS)
-        if SUM_ROWS:
-            part = acc
-        else:
-            part = tl.sum(acc, axis=0)
-        return part
-
-    @triton.jit
-    def _kept_x(x, t, inb):
-        """(x with its dropped channels zeroed, which channels are kept): the fused threshold,
-        keep k iff |x[k]| > t (NaN > t is False: dropped; t < 0: every channel, NaN included)."""
-        keep = _keep(x, t) & inb
-        return tl.where(keep, x, 0.0), keep
+            x_nxt = x_nn
+        acc += w_cur.to(tl.float32) * x_cur[:, None]
+        part = tl.sum(acc, axis=0)  # [BLOCK_N] fp32 partial sums of this K slice
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
+                  ACCUM)
 
     @triton.jit
     def _load_x(x_ptr, offs, mask, K, nw_ptr, rs, GLU: tl.constexpr, NORM: tl.constexpr,
@@ -530,47 +490,25 @@ if HAVE_TRITON:
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
-        PARTS: tl.constexpr, HEAD_D: tl.constexpr, ALL_ROWS: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
         _clear(clr_ptr, CLR_N, HAS_CLEAR, CLR_BLOCK)
-        k_lo = tl.program_id(1) * SLICE
-        k_hi = tl.minimum(k_lo + SLICE, K)
-        if (t <= 0) & ALL_ROWS:
-            # Every nonzero channel is kept (s = 0; the dense step through the kernel): nothing to
-            # skip, so no list either; the slice's rows stream with the first ones requested at once.
-            part = _slice_tiles(x_ptr, wt_ptr + offs_n[None, :], t, k_lo, k_hi, tl.cdiv(k_hi - k_lo, BLOCK_K),
-                                K, nw_ptr, eps, nmask, stride_wk, BLOCK_K, EVEN_N, SUM_ROWS, GLU, NORM,
-                                NORM_BLOCK, PARTS, HEAD_D, True)
-        else:
-            part = _compacted_tiles(x_ptr, wt_ptr, t, seg, offs_n, nmask, idx_ptr, xv_ptr, lcnt_ptr, nw_ptr, eps,
-                                    K, stride_wk, k_lo, k_hi, BLOCK_N, BLOCK_K, SCAN, PRODUCED, EVEN_N, DEPTH,
-                                    SUM_ROWS, GLU, NORM, NORM_BLOCK, PARTS, HEAD_D)
-        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
-                  ACCUM)
-
-    @triton.jit
-    def _compacted_tiles(x_ptr, wt_ptr, t, seg, offs_n, nmask, idx_ptr, xv_ptr, lcnt_ptr, nw_ptr, eps,
-                         K, stride_wk, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCAN: tl.constexpr, PRODUCED: tl.constexpr, EVEN_N: tl.constexpr,
-                         DEPTH: tl.constexpr, SUM_ROWS: tl.constexpr, GLU: tl.constexpr,
-                         NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PARTS: tl.constexpr,
-                         HEAD_D: tl.constexpr):
-        """[BLOCK_N] fp32: the compacting kernel's sum over the kept channels of k_lo .. k_hi-1."""
         # 1. Threshold this program's slice of x and compact its kept channels into a list, at
         #    a place fixed by (segment, slice). The other programs of the same (segment, slice)
         #    write identical lists to the same place, so the overlapping writes are harmless and
         #    no program needs another's: there is no dependency between programs.
         #    PRODUCED: _kept_list_kernel, launched just before, has written the list already.
+        k_lo = tl.program_id(1) * SLICE
         base = seg * K + k_lo
         if PRODUCED:
             count = tl.load(lcnt_ptr + seg * tl.num_programs(1) + tl.program_id(1))
         else:
             rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
-            count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo, k_hi, K, nw_ptr, rs, SCAN, GLU,
-                             NORM, PARTS, HEAD_D)
+            count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
+                             tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
         tl.debug_barrier()  # the list is complete before any thread reads it
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
@@ -610,7 +548,8 @@ if HAVE_TRITON:
             part = acc
         else:
             part = tl.sum(acc, axis=0)
-        return part
+        _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
+                  ACCUM)
 
 
 # Scratch (fp32 accumulator / partials, int32 arrival counters, the kept-channel lists), one
@@ -744,8 +683,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), ALL_ROWS=ALL_ROWS,
-            **clr, **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
