@@ -6,7 +6,8 @@ compacting one, each program owning SLICE input channels. Three tables, all meas
 NVIDIA H200 with `kernels/tune_gemv.py` (for each shape the config with the lowest weighted sum
 over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5) of time / best time): TABLE for
 `sparse_gemv` in bf16 (sweep 9, kernels/results/h200/gemv_tune.json), FP16 for it in fp16
-(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweep 10, gemv_tune_v10_accum.json).
+(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweep 10, gemv_tune_v10_accum.json) but
+where ACCUM_BF16 overrides it in bf16 (sweep 13, gemv_tune_v13_bf16_accum.json).
 The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
 kernels/results/h200/gemv.json was measured with exactly these tables. Shapes not in them get
 `default_config`, a size rule read off the same sweeps.
@@ -72,11 +73,24 @@ ACCUM: dict[tuple[int, int], tuple[int, ...]] = {
 }
 
 
+# bf16 where sweep 13 (gemv_tune_v13_bf16_accum.json, ACCUM's configs timed in bf16 against
+# SUM_ROWS and 2-tile variants) found better: fused gate/up with 296-channel slices, 2 tiles in
+# flight and the 1-D accumulator, 57.5 / 32.3 / 15.9 us at s = 0 / 0.5 / 0.8 against 59.9 / 32.6 /
+# 15.7 (kernels/README.md, item 20). Every other shape kept its ACCUM config.
+ACCUM_BF16: dict[tuple[int, int], tuple[int, ...]] = {
+    (28672, 4096): (1024, 8, 4, 0, 0, 296, 2, 1, 0, 0, 0, 1),  # gate_up_fused
+}
+
+
 def config_for(N: int, K: int, dtype=None, accum: bool = False) -> tuple[int, ...]:
     """The launch config for an [N, K] projection; `dtype` (a torch dtype or its name) picks the
-    fp16 entries where they differ, `accum` the accumulating kernel's (sparse_gemv_into)."""
+    fp16 (or, accumulating, bf16) entries where they differ, `accum` the accumulating kernel's
+    (sparse_gemv_into)."""
+    name = None if dtype is None else str(dtype).removeprefix("torch.")
+    if accum and name == "bfloat16" and (N, K) in ACCUM_BF16:
+        return ACCUM_BF16[(N, K)]
     if accum and (N, K) in ACCUM:
         return ACCUM[(N, K)]
-    if dtype is not None and str(dtype).removeprefix("torch.") == "float16" and (N, K) in FP16:
+    if name == "float16" and (N, K) in FP16:
         return FP16[(N, K)]
     return TABLE.get((N, K)) or default_config(N, K)
