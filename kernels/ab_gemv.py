@@ -2,12 +2,16 @@
 module flag of teal_nb.kernels.gemv off and on, interleaved (off, on, off, on), each a median of
 the bench's timer (CUDA graph, rotating weights).
 
-    PYTHONPATH=. python kernels/ab_gemv.py --flag ALL_ROWS --out $OUT/ab_gemv.json
+    PYTHONPATH=. python kernels/ab_gemv.py --flag FLAG --out $OUT/ab_gemv.json
 
-Per shape (sparse_gemv_into with tuning.ACCUM, plain x): nothing kept (threshold +inf) and the
+FLAG is a module-level boolean of gemv.py that _launch reads at every launch (REG_HEAD and
+ALL_ROWS at git ac9a376 and 93e320a were; kernels/README.md, items 18-19): a switch under test is
+added as one, measured here, and kept or reverted.
+
+Per shape (sparse_gemv_into with the package's configs, plain x): nothing kept (threshold +inf) and the
 given sparsities; then the decoder's fused layer chain (bench.layer_chain_fused: norms inside,
 SiLU x up inside, the residual adds). cuBLAS is timed once per shape in the same run. A table is
-printed last: per point the two medians of the two passes each and on / off.
+printed last: per point off and on (each the median of its passes), their ratio and the speedups.
 """
 import argparse
 import json
@@ -25,7 +29,7 @@ def main():
     from teal_nb.results import write_json
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--flag", required=True, help="a boolean of teal_nb.kernels.gemv read at launch (ALL_ROWS)")
+    ap.add_argument("--flag", required=True, help="a boolean of teal_nb.kernels.gemv read at launch")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.4, 0.5, 0.65])
     ap.add_argument("--shapes", nargs="+", default=list(bench.FUSED_LAYER) + ["k|v", "gate|up"])

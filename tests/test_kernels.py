@@ -530,6 +530,24 @@ def test_into_chain_in_cuda_graph():
             assert rel_err(res - before, ref["res"]) < TOL[dtype]
 
 
+def test_config_tables_pick_by_dtype_and_form():
+    """Every tuned entry is a valid launch config; the accumulating form's bf16 overrides apply to
+    sparse_gemv_into in bf16 only (fp16 and sparse_gemv keep their own tables)."""
+    from teal_nb.kernels import tuning
+    from teal_nb.kernels.gemv import Config
+
+    for table in (tuning.TABLE, tuning.FP16, tuning.ACCUM, tuning.ACCUM_BF16):
+        for (N, K), c in table.items():
+            cfg = Config(*c)
+            assert cfg.block_n & (cfg.block_n - 1) == 0 and cfg.block_k & (cfg.block_k - 1) == 0, (N, K, c)
+            assert cfg.depth in (1, 2) and cfg.slice >= 0, (N, K, c)
+    for key, c in tuning.ACCUM_BF16.items():
+        assert tuning.config_for(*key, torch.bfloat16, accum=True) == c
+        assert tuning.config_for(*key, "bfloat16", accum=True) == c
+        assert tuning.config_for(*key, torch.float16, accum=True) == tuning.ACCUM[key] != c
+        assert tuning.config_for(*key, torch.bfloat16) == tuning.TABLE[key]
+
+
 def test_programs_per_sm_closed_form():
     from teal_nb.kernels.ptxas import programs_per_sm
 
