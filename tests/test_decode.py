@@ -345,7 +345,15 @@ def test_generate_cli(capsys):
     assert out.startswith(PROMPT) and "tok/s" in out and "realized sparsity" in out
 
 
+# The attention kernel's own tests run where it does: compiled (with PDL) on a GPU, else in the
+# CPU interpreter.
+ATTN_DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _attention_cases(dt, tol, cases):
+    """decode_attention against its torch reference at (query heads, kv heads, head dim, cache
+    length, position): the output, and the cache written at the position only (to within one
+    rounding of the reference)."""
     import math
 
     from teal_nb.decode_attention import decode_attention, decode_attention_reference
@@ -354,10 +362,11 @@ def _attention_cases(dt, tol, cases):
         qkv = torch.randn(1, 1, (h + 2 * hkv) * d).to(dt)
         cos, sin = torch.randn(s, d).to(dt), torch.randn(s, d).to(dt)
         kc, vc = torch.randn(1, hkv, s, d).to(dt), torch.randn(1, hkv, s, d).to(dt)
-        kr, vr = kc.clone(), vc.clone()
+        qkv, cos, sin, kc, vc = (t.to(ATTN_DEV) for t in (qkv, cos, sin, kc, vc))
+        kr, vr, pos = kc.clone(), vc.clone(), torch.tensor([p], device=ATTN_DEV)
         for _ in range(2):  # twice: the split kernel must leave its counters reset
-            y = decode_attention(qkv, cos, sin, torch.tensor([p]), kc, vc, h, 1 / math.sqrt(d))
-        ref = decode_attention_reference(qkv, cos, sin, torch.tensor([p]), kr, vr, h, 1 / math.sqrt(d))
+            y = decode_attention(qkv, cos, sin, pos, kc, vc, h, 1 / math.sqrt(d))
+        ref = decode_attention_reference(qkv, cos, sin, pos, kr, vr, h, 1 / math.sqrt(d))
         assert ((y.float() - ref.float()).norm() / ref.float().norm()) < tol, (dt, h, d, s, p)
         assert torch.equal(vc, vr)
         assert torch.equal(kc[:, :, :p], kr[:, :, :p]) and torch.equal(kc[:, :, p + 1:], kr[:, :, p + 1:])
@@ -370,8 +379,8 @@ def test_fused_attention_launch_configs():
     reference's function, at positions in the first block, at a block edge and in the last one."""
     from teal_nb import decode_attention as da
 
-    if not da.usable(torch.device("cpu")):
-        pytest.skip("needs Triton's CPU interpreter")
+    if not da.usable(ATTN_DEV):
+        pytest.skip("needs a GPU or Triton's CPU interpreter")
     cases = [(4, 2, 32, 100, 0), (4, 2, 32, 100, 64), (4, 2, 32, 100, 99)]
     try:
         for cfg in da.CANDIDATES:
@@ -384,33 +393,19 @@ def test_fused_attention_launch_configs():
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_attention_matches_torch(dtype):
-    """The one-launch attention step (RoPE, cache write, GQA attention; Triton, interpreted on CPU)
-    against the kernel's torch reference at several positions, and end to end against the
-    decoder's torch attention path (fp32: same logits, same greedy tokens)."""
-    import math
+    """The one-launch attention step (RoPE, cache write, GQA attention; compiled on a GPU,
+    interpreted on CPU) against the kernel's torch reference at several positions, and (in the
+    CPU interpreter, where the tiny decoder runs) end to end against the decoder's torch attention
+    path (fp32: same logits, same greedy tokens)."""
+    from teal_nb.decode_attention import usable
 
-    from teal_nb.decode_attention import decode_attention, decode_attention_reference, usable
-
-    if not usable(torch.device("cpu")):
-        pytest.skip("needs Triton's CPU interpreter")
-    dt = getattr(torch, dtype)
-    tol = 1e-5 if dtype == "float32" else 2e-2
-    # (query heads, kv heads, head dim, cache length, position): inside the first block of the
-    # cache, at its edge, and past it (the kernel's loop over further blocks).
-    for h, hkv, d, s, p in [(6, 2, 32, 40, 0), (6, 2, 32, 40, 1), (6, 2, 32, 40, 23), (6, 2, 32, 40, 39),
-                            (4, 1, 128, 300, 127), (4, 1, 128, 300, 128), (4, 1, 128, 300, 299)]:
-        qkv = torch.randn(1, 1, (h + 2 * hkv) * d).to(dt)
-        cos, sin = torch.randn(s, d).to(dt), torch.randn(s, d).to(dt)
-        kc, vc = torch.randn(1, hkv, s, d).to(dt), torch.randn(1, hkv, s, d).to(dt)
-        kr, vr = kc.clone(), vc.clone()
-        y = decode_attention(qkv, cos, sin, torch.tensor([p]), kc, vc, h, 1 / math.sqrt(d))
-        ref = decode_attention_reference(qkv, cos, sin, torch.tensor([p]), kr, vr, h, 1 / math.sqrt(d))
-        assert ((y.float() - ref.float()).norm() / ref.float().norm()) < tol, (dtype, p)
-        # The cache: only position p written, to within one rounding of the reference.
-        assert torch.equal(vc, vr)
-        assert torch.equal(kc[:, :, :p], kr[:, :, :p]) and torch.equal(kc[:, :, p + 1:], kr[:, :, p + 1:])
-        assert torch.allclose(kc[:, :, p].float(), kr[:, :, p].float(), rtol=1e-2, atol=1e-6)
-    if dtype != "float32":
+    if not usable(ATTN_DEV):
+        pytest.skip("needs a GPU or Triton's CPU interpreter")
+    # Inside the first block of the cache, at its edge, and past it (the loop over further blocks).
+    _attention_cases(getattr(torch, dtype), 1e-5 if dtype == "float32" else 2e-2,
+                     [(6, 2, 32, 40, 0), (6, 2, 32, 40, 1), (6, 2, 32, 40, 23), (6, 2, 32, 40, 39),
+                      (4, 1, 128, 300, 127), (4, 1, 128, 300, 128), (4, 1, 128, 300, 299)])
+    if dtype != "float32" or not usable(torch.device("cpu")):
         return
     dec = _tiny("float32")
     ids = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(3))
