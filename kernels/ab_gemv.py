@@ -45,7 +45,7 @@ def main():
         for _ in range(a.passes):
             for key, value in (("off", False), ("on", True)):
                 setattr(gemv, a.flag, value)
-                runs[key].append(round(measure(), 3))
+                runs[key].append(measure())
         return runs
 
     records = []
@@ -58,21 +58,18 @@ def main():
                 thr = (torch.full((len(sb.splits),), float("inf"), device="cuda") if s == "none"
                        else sb.thresholds(s))
                 rec = dict(kind="shape", shape=name, dtype=dt, sparsity=s, dense_us=round(dense, 3),
-                           **both(lambda: sb.accum_us(thr)))
+                           **both(lambda: round(sb.accum_us(thr), 3)))
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
             del sb
             torch.cuda.empty_cache()
-        chain = {}
-        for key, value in (("off", False), ("on", True)) * a.passes:
-            setattr(gemv, a.flag, value)
-            for r in bench.layer_chain_fused(dtypes=(dt,), sparsities=a.sparsities):
-                chain.setdefault(r["sparsity"], {"off": [], "on": [], "dense_us": []})
-                chain[r["sparsity"]][key].append(r["sparse_us"])
-                chain[r["sparsity"]]["dense_us"].append(r["dense_us"])
-        for s, c in chain.items():
+        # The chain: each pass one record per sparsity, in the order asked for.
+        chain = both(lambda: bench.layer_chain_fused(dtypes=(dt,), sparsities=a.sparsities))
+        for i, s in enumerate(a.sparsities):
+            runs = {key: [passes[i] for passes in chain[key]] for key in ("off", "on")}
             rec = dict(kind="layer_chain_fused", shape="layer", dtype=dt, sparsity=s,
-                       dense_us=round(statistics.median(c["dense_us"]), 3), off=c["off"], on=c["on"])
+                       dense_us=round(statistics.median(r["dense_us"] for r in runs["off"] + runs["on"]), 3),
+                       **{key: [r["sparse_us"] for r in rs] for key, rs in runs.items()})
             records.append(rec)
             print(json.dumps(rec), flush=True)
     write_json(a.out, {"provenance": bench.provenance(" ".join(sys.argv)), "flag": a.flag, "records": records})

@@ -433,7 +433,7 @@ def test_attention_partials(dtype):
                                           decode_attention_reference, usable)
     from teal_nb.kernels import attention_input
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU: compiled, with PDL
+    dev = ATTN_DEV
     if not usable(dev):
         pytest.skip("needs a GPU or Triton's CPU interpreter")
     dt = getattr(torch, dtype)
