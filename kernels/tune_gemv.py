@@ -106,10 +106,33 @@ SWEEP13 = {
 }
 
 
+# Sweep 14 (sparse_gemv_into, both dtypes): SHARE programs split one slice's kept channels evenly
+# (kernels/README.md, item 21). A short slice's kept count varies (at random x the busiest of fused
+# QKV's 43 slices holds 1.21x the mean at 50%, and a launch with every slice's count equal was
+# 0.3-0.8 us faster per shape, item 14); a slice SHARE times as long, split by its count, varies
+# ~sqrt(SHARE) times less, at the cost of a longer prefix sum per program. Each shape's
+# tuning.ACCUM (and ACCUM_BF16) config, then the same grid size with SHARE = 2, 3 or 4.
+# Fields: BLOCK_N, BLOCK_K, warps, slice, depth, maxnreg, sum_rows, share.
+SWEEP14 = {
+    "qkv_fused": [(1024, 8, 4, 96, 1, 0, 0, 1), (1024, 8, 4, 192, 1, 0, 0, 2), (1024, 8, 4, 288, 1, 0, 0, 3),
+                  (1024, 8, 4, 384, 1, 0, 0, 4)],
+    "q|o": [(512, 8, 2, 64, 1, 0, 0, 1), (512, 8, 2, 128, 1, 0, 0, 2), (512, 8, 2, 192, 1, 0, 0, 3),
+            (512, 8, 2, 256, 1, 0, 0, 4)],
+    "k|v": [(128, 32, 4, 128, 1, 0, 0, 1), (128, 32, 4, 256, 1, 0, 0, 2), (128, 32, 4, 512, 1, 0, 0, 4)],
+    "gate_up_fused": [(1024, 8, 4, 296, 2, 0, 1, 1), (1024, 8, 4, 592, 2, 0, 1, 2), (1024, 8, 4, 1184, 2, 0, 1, 4),
+                      (1024, 8, 4, 456, 1, 0, 0, 1), (1024, 8, 4, 912, 1, 0, 0, 2)],
+    "gate|up": [(512, 16, 4, 456, 1, 0, 0, 1), (512, 16, 4, 912, 1, 0, 0, 2), (512, 16, 4, 1368, 1, 0, 0, 3)],
+    "down": [(1024, 8, 4, 224, 1, 0, 0, 1), (1024, 8, 4, 448, 1, 0, 0, 2), (1024, 8, 4, 672, 1, 0, 0, 3),
+             (1024, 8, 4, 896, 1, 0, 0, 4)],
+}
+
+
 def configs(shape, K, sweep=10):
     """The sweep's candidates (sweeps 5-9: kernels/README.md), all with PDL."""
     if sweep == 9:
         return [compact(*c, pdl=1) for c in SWEEP9.get(shape, [])]
+    if sweep == 14:
+        return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r, sh) for bn, bk, w, sl, d, m, r, sh in SWEEP14.get(shape, [])]
     table = {11: SWEEP11, 13: SWEEP13}.get(sweep, SWEEP10)
     return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r) for bn, bk, w, sl, d, m, r in table.get(shape, [])]
 
@@ -165,7 +188,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this")
     ap.add_argument("--dtypes", nargs="*", default=["bf16"], choices=["bf16", "fp16"])
-    ap.add_argument("--sweep", type=int, default=10, choices=[9, 10, 11, 13], help="candidate list")
+    ap.add_argument("--sweep", type=int, default=10, choices=[9, 10, 11, 13, 14], help="candidate list")
     ap.add_argument("--accum", action="store_true", help="time sparse_gemv_into (the decoder's form)")
     ap.add_argument("--variants", action="store_true",
                     help="also time the 3 best of each shape with PDL and with the producer kernel")

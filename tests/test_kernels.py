@@ -30,6 +30,7 @@ CFGS = [
     (16, 8, 1, 0, 0, 1 << 30, 2, 0, 32),       # one slice = all of K: no split-K; sum in 32s
     (32, 16, 2, 0, 0, 48, 2, 0, 0, 1),         # kept list from the producer kernel
     (256, 8, 1, 0, 0, 40, 2),                  # rows summed as they arrive (SUM_ROWS, 1-D acc)
+    (32, 8, 4, 0, 1, 48, 1, 0, 0, 0, 0, -1, 3),  # 3 programs split each slice's kept list (SHARE)
 ]
 # Tolerance: fp32 accumulation of products of dtype inputs; the output is rounded to the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -95,7 +96,7 @@ def test_keep_all_keep_none(dtype):
     for t, cfg in ((-1.0, CFGS[0]), (0.0, CFGS[4])):  # keeps everything
         y = _launch(x, wt, torch.tensor([t], device=DEV), (N,), None, cfg)
         assert rel_err(y, dense) < TOL[dtype]
-    for cfg in (CFGS[1], CFGS[5]):  # keeps nothing
+    for cfg in (CFGS[1], CFGS[5], CFGS[7]):  # keeps nothing
         y = _launch(x, wt, torch.tensor([math.inf], device=DEV), (N,), None, cfg)
         assert torch.equal(y.float(), torch.zeros(N, device=DEV))
 
@@ -200,7 +201,7 @@ def _into_case(mode, dtype, K, N, seed):
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["plain", "norm", "glu"])
-@pytest.mark.parametrize("cfg", [CFGS[0], CFGS[2], CFGS[3], CFGS[5], CFGS[6]])
+@pytest.mark.parametrize("cfg", [CFGS[0], CFGS[2], CFGS[3], CFGS[5], CFGS[6], CFGS[7]])
 def test_into_accumulates_like_reference(dtype, mode, cfg):
     """sparse_gemv_into adds the masked product to out (fp32, no rounding), computes the RMSNorm
     or SiLU x up of its input inside the kernel, adds the bias once (not once per K slice) and

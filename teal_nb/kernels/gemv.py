@@ -20,7 +20,9 @@ Two kernels, one launch each, no zero-fill; `tuning.py` picks one per shape by m
 * `_sparse_gemv_compact_kernel` (compacting): thresholds its slice (SLICE channels, up to all
   of K) and writes the kept channels' indices and values to a small scratch list with a prefix
   sum, then loops over kept rows only, BLOCK_K gathered rows at a time, DEPTH (1-2) tiles in
-  flight, pipelined by hand in registers; the trip count falls with sparsity. Optionally the
+  flight, pipelined by hand in registers; the trip count falls with sparsity. SHARE programs
+  may split one slice's kept channels evenly between them (a longer slice's count varies less
+  than a short one's, and the busiest program ends the launch). Optionally the
   list is built once per launch by `_kept_list_kernel` (PRODUCER; measured slower) and either
   kernel can use programmatic dependent launch (PDL, chosen for every Llama-3-8B shape since
   sweep 8: kernels/README.md, item 11).
@@ -207,6 +209,7 @@ class Config(NamedTuple):
     producer: int = 0  # compacting: 1 = a small kernel builds the kept list once per launch
     maxnreg: int = 0  # ptxas's register cap per thread (0: none); 128 keeps 4 programs of 4 warps per SM
     sum_rows: int = -1  # compacting: 1-D accumulator; -1 the dtype's default (_rows_per_thread), 0 off, 1 on
+    share: int = 1  # compacting: programs that split one slice's kept channels evenly (_sparse_gemv_compact_kernel)
 
 
 if HAVE_TRITON:
@@ -490,7 +493,7 @@ if HAVE_TRITON:
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
-        PARTS: tl.constexpr, HEAD_D: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -501,15 +504,26 @@ if HAVE_TRITON:
         #    write identical lists to the same place, so the overlapping writes are harmless and
         #    no program needs another's: there is no dependency between programs.
         #    PRODUCED: _kept_list_kernel, launched just before, has written the list already.
-        k_lo = tl.program_id(1) * SLICE
+        #    SHARE programs (consecutive along the grid's K axis) own one slice together.
+        slice_id = tl.program_id(1) // SHARE
+        k_lo = slice_id * SLICE
         base = seg * K + k_lo
         if PRODUCED:
-            count = tl.load(lcnt_ptr + seg * tl.num_programs(1) + tl.program_id(1))
+            count = tl.load(lcnt_ptr + seg * (tl.num_programs(1) // SHARE) + slice_id)
         else:
             rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
                              tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
         tl.debug_barrier()  # the list is complete before any thread reads it
+        if SHARE > 1:
+            # Each takes an equal share of the slice's kept channels. The kept count of a short
+            # slice varies from slice to slice (a binomial at random x: the busiest of fused
+            # QKV's 43 slices holds 1.21x the mean at 50%) and the busiest program ends the
+            # launch; a longer slice split by its count varies less (kernels/README.md item 21).
+            part = tl.program_id(1) % SHARE
+            lo = part * count // SHARE
+            count = (part + 1) * count // SHARE - lo
+            base += lo
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
         #    row a contiguous BLOCK_N-wide segment), software-pipelined by hand in registers:
@@ -662,7 +676,8 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     grid_n = triton.cdiv(N, cfg.block_n)
     if cfg.slice:
         slice_ = min(cfg.slice, K)
-        split_k = triton.cdiv(K, slice_)
+        n_slices = triton.cdiv(K, slice_)
+        split_k = n_slices * max(1, cfg.share)  # the grid's programs per output block
     else:
         grid_n, split_k, iters = _grid(N, K, cfg.block_n, cfg.block_k, cfg.progs_per_sm, x1.device)
     # clear: each of the grid's programs zeroes one CLR_BLOCK-long piece.
@@ -673,17 +688,18 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     if cfg.slice:
         scan = _scan(cfg, slice_)
         acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n,
-                                           3 * K + 3 * split_k)
+                                           3 * K + 3 * n_slices)
         lcnt = idx[3 * K:]  # the producer's counts, after the lists
         if cfg.producer:
-            _kept_list_kernel[(len(splits), split_k)](
+            _kept_list_kernel[(len(splits), n_slices)](
                 x1, thr, idx, xv, lcnt, nw, eps, K, slice_, SCAN=scan, PDL=pdl, GLU=glu, NORM=norm,
                 NORM_BLOCK=common["NORM_BLOCK"], PARTS=partials[0], HEAD_D=partials[1], num_warps=cfg.warps,
                 **({"launch_pdl": True} if pdl else {}))
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
-            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), **clr, **common)
+            DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
+            **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
@@ -872,7 +888,7 @@ def prepare_weight(w) -> torch.Tensor:
         K, N = wt.shape
         for accum in (False, True):  # sparse_gemv's config and sparse_gemv_into's
             cfg = Config(*config_for(N, K, wt.dtype, accum))
-            split_k = triton.cdiv(K, min(cfg.slice, K)) if cfg.slice else triton.cdiv(K, min(cfg.block_k, K))
-            _scratch(wt.device, N, N * split_k if cfg.reduce else 0, triton.cdiv(N, 16),
-                     3 * K + 3 * split_k)
+            n_slices = triton.cdiv(K, min(cfg.slice, K)) if cfg.slice else triton.cdiv(K, min(cfg.block_k, K))
+            _scratch(wt.device, N, N * n_slices * max(1, cfg.share) if cfg.reduce else 0, triton.cdiv(N, 16),
+                     3 * K + 3 * n_slices)
     return wt
