@@ -1,13 +1,14 @@
 """Launch configurations of the sparse GEMV kernel, keyed by (N, K), chosen by measurement.
 
 A config is a `gemv.Config` (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, DEPTH,
-PDL, SCAN, PRODUCER, MAXNREG, SUM_ROWS]); SLICE = 0 selects the masked kernel, SLICE > 0 the
+PDL, SCAN, PRODUCER, MAXNREG, SUM_ROWS, SHARE]); SLICE = 0 selects the masked kernel, SLICE > 0 the
 compacting one, each program owning SLICE input channels. Four tables, all measured on one
 NVIDIA H200 with `kernels/tune_gemv.py` (for each shape the config with the lowest weighted sum
 over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5) of time / best time): TABLE for
 `sparse_gemv` in bf16 (sweep 9, kernels/results/h200/gemv_tune.json), FP16 for it in fp16
-(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweep 10, gemv_tune_v10_accum.json) but
-where ACCUM_BF16 overrides it in bf16 (sweep 13, gemv_tune_v13_bf16_accum.json).
+(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweeps 10, 13 and 14:
+gemv_tune_v10_accum.json, gemv_tune_v13_bf16_accum.json, gemv_tune_v14_share.json) but where
+ACCUM_BF16 overrides it in bf16 (sweep 14).
 The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
 kernels/results/h200/gemv.json was measured with exactly these tables. Shapes not in them get
 `default_config`, a size rule read off the same sweeps.
@@ -63,22 +64,26 @@ FP16: dict[tuple[int, int], tuple[int, ...]] = {
 # later, and it lost 10-30% (bf16 q|o at 50%: 8.70 us with it, fp16 7.00 without); two tiles in
 # flight capped at 128 registers won back part of it only. So the 2-D accumulator for every
 # shape, with fp16's winners in both dtypes (kernels/README.md, item 13).
+# Two changes since, from sweeps 13 and 14 (kernels/README.md, items 20-21): fused gate/up takes
+# sweep 13's bf16 winner in both dtypes (296-channel slices, 2 tiles in flight, the 1-D
+# accumulator: fp16 56.96 / 32.25 / 16.01 us at s = 0 / 0.5 / 0.8 against 59.23 / 32.31 / 15.45 in
+# sweep 14), and fused QKV's 43 slices became 22 of 192 channels, each split evenly by its kept
+# count between 2 programs (the last field, share: 9.75 -> 9.59 us bf16 and 9.66 -> 9.46 fp16 at
+# 50%, gemv_tune_v14_share.json).
 ACCUM: dict[tuple[int, int], tuple[int, ...]] = {
-    (6144, 4096): (1024, 8, 4, 0, 0, 96, 1, 1, 0, 0, 0, 0),  # qkv_fused
+    (6144, 4096): (1024, 8, 4, 0, 0, 192, 1, 1, 0, 0, 0, 0, 2),  # qkv_fused
     (4096, 4096): (512, 8, 2, 0, 0, 64, 1, 1, 0, 0, 0, 0),  # q|o
     (1024, 4096): (128, 32, 4, 0, 0, 128, 1, 1, 0, 0, 0, 0),  # k|v
-    (28672, 4096): (1024, 8, 4, 0, 0, 456, 1, 1, 0, 0, 0, 0),  # gate_up_fused
+    (28672, 4096): (1024, 8, 4, 0, 0, 296, 2, 1, 0, 0, 0, 1),  # gate_up_fused
     (14336, 4096): (512, 16, 4, 0, 0, 456, 1, 1, 0, 0, 0, 0),  # gate|up
     (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1, 0, 0, 0, 0),  # down
 }
 
 
-# bf16 where sweep 13 (gemv_tune_v13_bf16_accum.json, ACCUM's configs timed in bf16 against
-# SUM_ROWS and 2-tile variants) found better: fused gate/up with 296-channel slices, 2 tiles in
-# flight and the 1-D accumulator, 57.5 / 32.3 / 15.9 us at s = 0 / 0.5 / 0.8 against 59.9 / 32.6 /
-# 15.7 (kernels/README.md, item 20). Every other shape kept its ACCUM config.
+# bf16 where sweep 14 found better than ACCUM: k|v with 2 programs per 256-channel slice (4.95 ->
+# 4.79 us at 50%; in fp16 it lost, 4.65 -> 4.75).
 ACCUM_BF16: dict[tuple[int, int], tuple[int, ...]] = {
-    (28672, 4096): (1024, 8, 4, 0, 0, 296, 2, 1, 0, 0, 0, 1),  # gate_up_fused
+    (1024, 4096): (128, 32, 4, 0, 0, 256, 1, 1, 0, 0, 0, 0, 2),  # k|v
 }
 
 
