@@ -127,12 +127,27 @@ SWEEP14 = {
 }
 
 
+# Sweep 15 (sparse_gemv_into, at s = 0, 0.25 and 0.5 as well): the two shapes still short of the
+# issue after sweep 14. k|v is latency-bound (8 MB, ~5 us: the kept rows at the copy rate take 1.4
+# us at 25%), so grids of 512 programs (96 registers: 5 per SM, 660 in one wave) with half the
+# rows each, by slice or by SHARE; gate|up in fp16 at s = 0 (0.93-0.96x cuBLAS): sweep 13's fused
+# gate/up config and 2 tiles in flight.
+SWEEP15 = {
+    "k|v": [(128, 32, 4, 128, 1, 0, 0, 1), (128, 32, 4, 256, 1, 0, 0, 2), (128, 32, 4, 128, 1, 0, 0, 2),
+            (128, 32, 4, 64, 1, 0, 0, 1), (128, 16, 4, 128, 1, 0, 0, 2), (256, 16, 4, 256, 1, 0, 0, 2),
+            (128, 32, 4, 64, 2, 0, 0, 1)],
+    "gate|up": [(512, 16, 4, 456, 1, 0, 0, 1), (512, 16, 4, 456, 2, 0, 0, 1), (1024, 8, 4, 296, 2, 0, 1, 1),
+                (1024, 8, 4, 216, 2, 0, 1, 1), (1024, 8, 4, 296, 1, 0, 0, 1), (512, 16, 4, 296, 1, 0, 0, 1)],
+}
+
+
 def configs(shape, K, sweep=10):
     """The sweep's candidates (sweeps 5-9: kernels/README.md), all with PDL."""
     if sweep == 9:
         return [compact(*c, pdl=1) for c in SWEEP9.get(shape, [])]
-    if sweep == 14:
-        return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r, sh) for bn, bk, w, sl, d, m, r, sh in SWEEP14.get(shape, [])]
+    if sweep in (14, 15):
+        table = SWEEP14 if sweep == 14 else SWEEP15
+        return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r, sh) for bn, bk, w, sl, d, m, r, sh in table.get(shape, [])]
     table = {11: SWEEP11, 13: SWEEP13}.get(sweep, SWEEP10)
     return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r) for bn, bk, w, sl, d, m, r in table.get(shape, [])]
 
@@ -188,11 +203,17 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this")
     ap.add_argument("--dtypes", nargs="*", default=["bf16"], choices=["bf16", "fp16"])
-    ap.add_argument("--sweep", type=int, default=10, choices=[9, 10, 11, 13, 14], help="candidate list")
+    ap.add_argument("--sweep", type=int, default=10, choices=[9, 10, 11, 13, 14, 15], help="candidate list")
     ap.add_argument("--accum", action="store_true", help="time sparse_gemv_into (the decoder's form)")
     ap.add_argument("--variants", action="store_true",
                     help="also time the 3 best of each shape with PDL and with the producer kernel")
+    ap.add_argument("--sparsities", nargs="*", type=float,
+                    help="time these instead of SPARS (weights: WEIGHTS', 1 for the others)")
     a = ap.parse_args()
+    global SPARS, WEIGHTS
+    if a.sparsities:
+        SPARS = tuple(a.sparsities)
+        WEIGHTS = {s: WEIGHTS.get(s, 1.0) for s in SPARS}
     raw, t0 = [], time.time()
     for a.dtype, shape in [(d, s) for d in a.dtypes for s in a.shapes]:
         if time.time() - t0 > a.budget_s:

@@ -342,7 +342,9 @@ def provenance(command: str) -> dict:
 
     return dict(
         git_sha=os.environ.get("TEAL_GIT_SHA") or git("rev-parse", "HEAD"),
-        git_dirty_kernels=bool(git("status", "--porcelain", "--untracked-files=no", "teal_nb/kernels")),
+        # Content only: the device's copy of the tree keeps the files but not their modes.
+        git_dirty_kernels=bool(git("-c", "core.fileMode=false", "status", "--porcelain", "--untracked-files=no",
+                                   "teal_nb/kernels")),
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=command,
