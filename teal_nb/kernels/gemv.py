@@ -79,9 +79,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # partial sums (a PTX release is cumulative over barrier-synchronized writes), and the fence cost
 # ~2 us per layer (kernels/README.md, item 10). TEAL_GEMV_FENCE=1 puts it back.
 GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
-# Under test (kernels/ab_gemv.py): W rows loaded with L2 evict_first, so that the streamed weights
-# leave the small hot data (x, the residual stream, the kept lists, the KV cache) in L2.
-W_EVICT_FIRST = False
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -245,12 +242,12 @@ if HAVE_TRITON:
         return (tl.abs(x) > t) | ((tl.zeros_like(x) + t) < 0)
 
     @triton.jit
-    def _load_rows(w_base, rows, rmask, nmask, stride_wk, EVEN_N: tl.constexpr, EVICT: tl.constexpr):
+    def _load_rows(w_base, rows, rmask, nmask, stride_wk, EVEN_N: tl.constexpr):
         """Rows `rows` of the W^T block (a masked-off row issues no memory transaction)."""
-        mask = rmask[:, None] if EVEN_N else rmask[:, None] & nmask[None, :]
-        if EVICT:
-            return tl.load(w_base + rows[:, None] * stride_wk, mask=mask, other=0.0, eviction_policy="evict_first")
-        return tl.load(w_base + rows[:, None] * stride_wk, mask=mask, other=0.0)
+        if EVEN_N:
+            return tl.load(w_base + rows[:, None] * stride_wk, mask=rmask[:, None], other=0.0)
+        return tl.load(w_base + rows[:, None] * stride_wk, mask=rmask[:, None] & nmask[None, :],
+                       other=0.0)
 
     @triton.jit
     def _fence_gpu(FENCE: tl.constexpr):
@@ -326,7 +323,7 @@ if HAVE_TRITON:
         REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
         FENCE: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
-        PARTS: tl.constexpr, HEAD_D: tl.constexpr, EVICT: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr,
     ):
         """Masked variant: walks its K slice tile by tile, loading only the kept rows of each."""
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
@@ -346,7 +343,7 @@ if HAVE_TRITON:
         # every channel, NaN included).
         keep = _keep(x_cur, t) & (offs_k < K)
         x_cur = tl.where(keep, x_cur, 0.0)
-        w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N, EVICT)
+        w_cur = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
         offs_k = k0 + BLOCK_K + ar_k
         x_nxt = _load_x(x_ptr, offs_k, (offs_k < K) & (ITERS > 1), K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -354,7 +351,7 @@ if HAVE_TRITON:
             offs_k = k0 + i * BLOCK_K + ar_k
             keep = _keep(x_nxt, t) & (offs_k < K)
             x_nxt = tl.where(keep, x_nxt, 0.0)
-            w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N, EVICT)
+            w_nxt = _load_rows(w_base, offs_k, keep, nmask, stride_wk, EVEN_N)
             offs_k2 = offs_k + BLOCK_K
             x_nn = _load_x(x_ptr, offs_k2, (offs_k2 < K) & (i + 1 < ITERS), K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
             acc += w_cur.to(tl.float32) * x_cur[:, None]
@@ -496,7 +493,7 @@ if HAVE_TRITON:
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
-        PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr, EVICT: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -538,7 +535,7 @@ if HAVE_TRITON:
         ar = tl.arange(0, BLOCK_K)
         w_base = wt_ptr + offs_n[None, :]
         i0, x0, v0 = _kept(idx_ptr + base, xv_ptr + base, ar, count)
-        w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N, EVICT)
+        w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
         i1, x1, v1 = _kept(idx_ptr + base, xv_ptr + base, BLOCK_K + ar, count)
         if SUM_ROWS:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -546,16 +543,16 @@ if HAVE_TRITON:
             acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         if DEPTH == 1:
             for i in range(0, tl.cdiv(count, BLOCK_K)):
-                w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N, EVICT)
+                w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
                 i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, (i + 2) * BLOCK_K + ar, count)
                 acc = _accumulate(acc, w0, x0, SUM_ROWS)
                 w0, x0 = w1, x1
                 i1, x1, v1 = i2, x2, v2
         else:
-            w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N, EVICT)
+            w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
             i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, 2 * BLOCK_K + ar, count)
             for i in range(0, tl.cdiv(count, BLOCK_K)):
-                w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N, EVICT)
+                w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N)
                 i3, x3, v3 = _kept(idx_ptr + base, xv_ptr + base, (i + 3) * BLOCK_K + ar, count)
                 acc = _accumulate(acc, w0, x0, SUM_ROWS)
                 w0, x0 = w1, x1
@@ -670,7 +667,6 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     norm = norm_weight is not None
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=cfg.reduce,
                   HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, PDL=pdl, FENCE=x1.is_cuda and GPU_FENCE,
-                  EVICT=x1.is_cuda and W_EVICT_FIRST,
                   GLU=glu, NORM=norm, NORM_BLOCK=_norm_block(K), ACCUM=accum,
                   PARTS=partials[0], HEAD_D=partials[1],
                   num_warps=cfg.warps, **({"launch_pdl": True} if pdl else {}),
