@@ -340,12 +340,14 @@ def provenance(command: str) -> dict:
         except Exception:
             return None
 
+    sha = os.environ.get("TEAL_GIT_SHA")
+    prov = dict(git_sha=sha or git("rev-parse", "HEAD"))
+    if not sha:
+        # Whether the kernels differ from that commit. Not asked when TEAL_GIT_SHA names the commit:
+        # a copied tree (the remote GPU machine's) carries git metadata that need not match it.
+        prov["git_dirty_kernels"] = bool(git("status", "--porcelain", "--untracked-files=no", "teal_nb/kernels"))
     return dict(
-        git_sha=os.environ.get("TEAL_GIT_SHA") or git("rev-parse", "HEAD"),
-        # Content only: the device's copy of the tree keeps the files but not their modes.
-        git_dirty_kernels=bool(git("-c", "core.fileMode=false", "status", "--porcelain", "--untracked-files=no",
-                                   "teal_nb/kernels")),
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        prov, gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=command,
     )
