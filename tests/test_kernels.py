@@ -595,3 +595,26 @@ def test_ptxas_row_sums_save_registers():
     accum = json.loads(p.stdout)
     assert accum["accum"] and accum["norm"] and accum["spill_bytes"] == 0
     assert accum["registers"] < rows["registers"]
+
+
+def test_timeline_summary_closed_form():
+    """kernels/gemv_timeline.py's summary of a stamp table (globaltimer ns and clock64 at five
+    points per program, the SM in slot 10), on a table built by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gemv_timeline", Path(__file__).parents[1] / "kernels/gemv_timeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # Two programs on SM 5, one on SM 7: entry, waited, listed, streamed, ended (ns, from 10 us).
+    ns = torch.tensor([[0, 1000, 2000, 9000, 9500], [0, 1000, 3000, 10000, 10500], [500, 2000, 3000, 20000, 21000]])
+    stamps = torch.zeros(3, 12, dtype=torch.int64)
+    stamps[:, 0:10:2] = ns + 10_000
+    stamps[:, 1:10:2] = 2 * ns  # 2 cycles per ns
+    stamps[:, 10] = torch.tensor([5, 5, 7])
+    r = mod.summarize(stamps)
+    assert (r["programs"], r["sms"], r["max_programs_per_sm"]) == (3, 2, 2)
+    assert r["entry_us"] == [-1.0, -1.0, -0.5] and r["waited_us"][0] == 0.0 and r["waited_us"][3] == 1.0
+    assert r["chain_us"][1] == 1.0 and r["chain_cycles_median"] == 2000.0  # listed - waited
+    assert r["stream_us"][1] == 7.0 and r["stream_us"][3] == 17.0  # streamed - listed
+    assert r["ended_us"] == [9.5, 20.0] and r["tail_us"] == 10.5

@@ -236,6 +236,24 @@ if HAVE_TRITON:
         return offs_n, offs_n < N, seg, tl.load(thr_ptr + seg)
 
     @triton.jit
+    def _stamp(stamp_ptr, slot, dep, STAMPS: tl.constexpr):
+        """STAMPS (kernels/gemv_timeline.py): write the GPU's global timer (ns) and this SM's cycle
+        counter into slots 2 * slot and 2 * slot + 1 of this program's row of stamp_ptr, once
+        `dep` (a scalar) is computed; slot 0 also writes the SM's id into slot 10."""
+        if STAMPS:
+            row = stamp_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 12
+            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer; // $1", "=l,r", [dep.to(tl.int32)],
+                                          dtype=tl.int64, is_pure=False, pack=1)
+            c = tl.inline_asm_elementwise("mov.u64 $0, %clock64; // $1", "=l,r", [dep.to(tl.int32)],
+                                          dtype=tl.int64, is_pure=False, pack=1)
+            tl.store(row + 2 * slot, t)
+            tl.store(row + 2 * slot + 1, c)
+            if slot == 0:
+                sm = tl.inline_asm_elementwise("mov.u32 $0, %smid; // $1", "=r,r", [dep.to(tl.int32)],
+                                               dtype=tl.int32, is_pure=False, pack=1)
+                tl.store(row + 10, sm.to(tl.int64))
+
+    @triton.jit
     def _keep(x, t):
         """TEAL's rule, |x| > t (NaN compares false: dropped), except that a negative threshold
         keeps everything, NaN included (the dense product)."""
@@ -493,11 +511,13 @@ if HAVE_TRITON:
         DEPTH: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr, SUM_ROWS: tl.constexpr,
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
-        PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr,
+        PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
+        _stamp(stamp_ptr, 0, tl.program_id(0), STAMPS)  # entry (with PDL: before the wait)
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
+        _stamp(stamp_ptr, 1, t, STAMPS)  # the previous kernel done, the threshold read
         _clear(clr_ptr, CLR_N, HAS_CLEAR, CLR_BLOCK)
         # 1. Threshold this program's slice of x and compact its kept channels into a list, at
         #    a place fixed by (segment, slice). The other programs of the same (segment, slice)
@@ -515,6 +535,7 @@ if HAVE_TRITON:
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
                              tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
         tl.debug_barrier()  # the list is complete before any thread reads it
+        _stamp(stamp_ptr, 2, count, STAMPS)  # the kept list stored
         if SHARE > 1:
             # Each takes an equal share of the slice's kept channels. The kept count of a short
             # slice varies from slice to slice (a binomial at random x: the busiest of fused
@@ -562,8 +583,10 @@ if HAVE_TRITON:
             part = acc
         else:
             part = tl.sum(acc, axis=0)
+        _stamp(stamp_ptr, 3, tl.sum(part, axis=0), STAMPS)  # every W row arrived and summed
         _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
                   ACCUM)
+        _stamp(stamp_ptr, 4, tl.program_id(0), STAMPS)  # the epilogue issued
 
 
 # Scratch (fp32 accumulator / partials, int32 arrival counters, the kept-channel lists), one
@@ -632,14 +655,16 @@ def _grid(N, K, block_n, block_k, progs_per_sm, device):
 def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias, cfg,
             glu: bool = False, out: Optional[torch.Tensor] = None, clear: Optional[torch.Tensor] = None,
             norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
-            partials: tuple[int, int] = (0, 1)) -> torch.Tensor:
+            partials: tuple[int, int] = (0, 1), stamps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token: x1 [K] contiguous -> y [N] in x1's dtype, with launch config `cfg` (a Config).
     glu: x1 is [gate | up] (2K) and the input is silu(gate) * up, computed as the kernel reads x.
     out: an fp32 [N] vector the product is added to (sparse_gemv_into), returned instead of a
     new y; clear: an fp32 vector this launch zeroes; norm_weight: x1 is the residual stream and
     the input is norm_input(x1, norm_weight, eps), computed as the kernel reads x; partials =
     (splits, head_dim), splits > 0: x1 holds a split attention's partials and the input is their
-    combination (attention_input), computed as the kernel reads x."""
+    combination (attention_input), computed as the kernel reads x. stamps: an int64 tensor of
+    [programs, 12] the compacting kernel writes its timeline into (kernels/gemv_timeline.py, GPU
+    only; _stamp)."""
     K, N = wt.shape
     cfg = Config(*cfg)
     block_n, block_k = _fit_block_n(cfg.block_n, cfg.block_k, splits)
@@ -699,7 +724,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
             DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
-            **clr, **common)
+            stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
