@@ -618,37 +618,3 @@ def test_timeline_summary_closed_form():
     assert r["chain_us"][1] == 1.0 and r["chain_cycles_median"] == 2000.0  # listed - waited
     assert r["stream_us"][1] == 7.0 and r["stream_us"][3] == 17.0  # streamed - listed
     assert r["ended_us"] == [9.5, 20.0] and r["tail_us"] == 10.5
-
-
-@needs_kernel
-@pytest.mark.parametrize("cfg", [CFGS[2], CFGS[6], CFGS[7]])
-def test_into_steal_like_reference(monkeypatch, cfg):
-    """gemv.STEAL (the accumulating form's tail rows taken by whichever program of the same
-    (segment, slice) is free): the same sums as the reference, launch after launch on one shape
-    (the chunk counter is never reset, each launch advances it by exactly its G), with segments,
-    SHARE and nothing kept."""
-    from teal_nb.kernels import gemv
-
-    monkeypatch.setattr(gemv, "STEAL", True)
-    monkeypatch.setattr(gemv, "_STEAL_COUNTERS", {})
-    K, N, dtype = 150, 160, torch.float32
-    w, _, _ = make(N, K, dtype, 0.0, seed=11)
-    wt = prepare_weight(w)
-    g = torch.Generator().manual_seed(12)
-    splits = (64, 96) if cfg[0] <= 32 else (N,)
-    ctr = None
-    for s in (0.0, 0.5, 0.9, 1.0, 0.5):
-        x = torch.randn(K, generator=g).to(DEV)
-        t = math.inf if s == 1.0 else float(torch.quantile(x.abs(), s)) if s > 0 else 0.0
-        thr = torch.full((len(splits),), t, device=DEV)
-        out0 = torch.randn(N, device=DEV)
-        ref, out = out0.clone(), out0.clone()
-        sparse_gemv_into_reference(ref, x, wt, thr, splits)
-        _launch(x, wt, thr, splits, None, cfg, out=out)
-        assert rel_err(out - out0, ref - out0) < 1e-5 or (s == 1.0 and torch.equal(out, out0)), (s, cfg)
-        ctrs = list(gemv._STEAL_COUNTERS.values())
-        assert len(ctrs) == 1
-        if ctr is not None:  # advanced by the same G for each (segment, slice) at every launch
-            step = ctrs[0].cpu() - ctr
-            assert (step > 0).all() and torch.equal(ctrs[0].cpu() % step, torch.zeros_like(step)), step
-        ctr = ctrs[0].cpu().clone()

@@ -79,13 +79,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # partial sums (a PTX release is cumulative over barrier-synchronized writes), and the fence cost
 # ~2 us per layer (kernels/README.md, item 10). TEAL_GEMV_FENCE=1 puts it back.
 GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
-# Under test (kernels/README.md item 24; off until measured better): in the accumulating form,
-# the last STEAL_TAIL_PCT% of each program's kept rows go to a pool of STEAL_CHUNKS chunks per
-# program that the programs of the same (segment, slice) take as they finish (one int64 counter
-# per (segment, slice) and launch shape, never reset; launches on one shape must not overlap).
-STEAL = False
-STEAL_TAIL_PCT = 25
-STEAL_CHUNKS = 2
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -509,48 +502,6 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
-    def _stream(w_base, idx_base, xv_base, count, nmask, stride_wk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_N: tl.constexpr, DEPTH: tl.constexpr, SUM_ROWS: tl.constexpr):
-        """sum_j xv[j] * W^T[idx[j], block] over the first `count` entries of a kept list, in fp32:
-        the kept rows of W^T streamed BLOCK_K at a time (dense tiles of gathered rows, each row a
-        contiguous BLOCK_N-wide segment), software-pipelined by hand in registers: DEPTH tiles' W
-        loads are in flight while the oldest tile is multiplied, and the indices of the next tile
-        to load are fetched one step ahead of its W load. (Triton's own pipeliner,
-        `tl.range(num_stages=)`, moved only the index loads ahead: a load that feeds no dot stays
-        in its iteration, so each tile's W latency was exposed.) Loads of tiles past the list are
-        fully masked and move no bytes."""
-        ar = tl.arange(0, BLOCK_K)
-        i0, x0, v0 = _kept(idx_base, xv_base, ar, count)
-        w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
-        i1, x1, v1 = _kept(idx_base, xv_base, BLOCK_K + ar, count)
-        if SUM_ROWS:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        if DEPTH == 1:
-            for i in range(0, tl.cdiv(count, BLOCK_K)):
-                w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
-                i2, x2, v2 = _kept(idx_base, xv_base, (i + 2) * BLOCK_K + ar, count)
-                acc = _accumulate(acc, w0, x0, SUM_ROWS)
-                w0, x0 = w1, x1
-                i1, x1, v1 = i2, x2, v2
-        else:
-            w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
-            i2, x2, v2 = _kept(idx_base, xv_base, 2 * BLOCK_K + ar, count)
-            for i in range(0, tl.cdiv(count, BLOCK_K)):
-                w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N)
-                i3, x3, v3 = _kept(idx_base, xv_base, (i + 3) * BLOCK_K + ar, count)
-                acc = _accumulate(acc, w0, x0, SUM_ROWS)
-                w0, x0 = w1, x1
-                w1, x1 = w2, x2
-                i2, x2, v2 = i3, x3, v3
-        if SUM_ROWS:
-            part = acc
-        else:
-            part = tl.sum(acc, axis=0)
-        return part
-
-    @triton.jit
     def _sparse_gemv_compact_kernel(
         x_ptr, wt_ptr, thr_ptr, bias_ptr, y_ptr, acc_ptr, cnt_ptr, idx_ptr, xv_ptr, lcnt_ptr,
         nw_ptr, eps, clr_ptr, CLR_N,
@@ -561,7 +512,6 @@ if HAVE_TRITON:
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
         PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr,
-        q_ptr, STEAL: tl.constexpr, TAIL_PCT: tl.constexpr, CHUNKS: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -586,7 +536,6 @@ if HAVE_TRITON:
                              tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
         tl.debug_barrier()  # the list is complete before any thread reads it
         _stamp(stamp_ptr, 2, count, STAMPS)  # the kept list stored
-        count_all = count
         if SHARE > 1:
             # Each takes an equal share of the slice's kept channels. The kept count of a short
             # slice varies from slice to slice (a binomial at random x: the busiest of fused
@@ -597,50 +546,47 @@ if HAVE_TRITON:
             count = (part + 1) * count // SHARE - lo
             base += lo
 
-        # 2. Stream the kept rows of W^T (_stream). STEAL: only the first part of this program's
-        #    rows; the rest of every program's rows of this (segment, slice) is split into chunks
-        #    that any program of it takes when its own part is done (below), so that a program
-        #    that streams slowly does not hold up the launch's end (kernels/README.md item 24).
-        own = count
-        if STEAL:
-            grp_ctr = q_ptr + seg * (tl.num_programs(1) // SHARE) + slice_id
-            grab = tl.atomic_add(grp_ctr, 1, sem="relaxed")  # issued now, its value needed later
-            own = count - count * TAIL_PCT // 100
+        # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
+        #    row a contiguous BLOCK_N-wide segment), software-pipelined by hand in registers:
+        #    DEPTH tiles' W loads are in flight while the oldest tile is multiplied, and the
+        #    indices of the next tile to load are fetched one step ahead of its W load. (Triton's
+        #    own pipeliner, `tl.range(num_stages=)`, moved only the index loads ahead: a load that
+        #    feeds no dot stays in its iteration, so each tile's W latency was exposed.) Loads of
+        #    tiles past the list are fully masked and move no bytes.
+        ar = tl.arange(0, BLOCK_K)
         w_base = wt_ptr + offs_n[None, :]
-        part = _stream(w_base, idx_ptr + base, xv_ptr + base, own, nmask, stride_wk,
-                       BLOCK_N, BLOCK_K, EVEN_N, DEPTH, SUM_ROWS)
+        i0, x0, v0 = _kept(idx_ptr + base, xv_ptr + base, ar, count)
+        w0 = _load_rows(w_base, i0, v0, nmask, stride_wk, EVEN_N)
+        i1, x1, v1 = _kept(idx_ptr + base, xv_ptr + base, BLOCK_K + ar, count)
+        if SUM_ROWS:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        if DEPTH == 1:
+            for i in range(0, tl.cdiv(count, BLOCK_K)):
+                w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
+                i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, (i + 2) * BLOCK_K + ar, count)
+                acc = _accumulate(acc, w0, x0, SUM_ROWS)
+                w0, x0 = w1, x1
+                i1, x1, v1 = i2, x2, v2
+        else:
+            w1 = _load_rows(w_base, i1, v1, nmask, stride_wk, EVEN_N)
+            i2, x2, v2 = _kept(idx_ptr + base, xv_ptr + base, 2 * BLOCK_K + ar, count)
+            for i in range(0, tl.cdiv(count, BLOCK_K)):
+                w2 = _load_rows(w_base, i2, v2, nmask, stride_wk, EVEN_N)
+                i3, x3, v3 = _kept(idx_ptr + base, xv_ptr + base, (i + 3) * BLOCK_K + ar, count)
+                acc = _accumulate(acc, w0, x0, SUM_ROWS)
+                w0, x0 = w1, x1
+                w1, x1 = w2, x2
+                i2, x2, v2 = i3, x3, v3
+        if SUM_ROWS:
+            part = acc
+        else:
+            part = tl.sum(acc, axis=0)
         _stamp(stamp_ptr, 3, tl.sum(part, axis=0), STAMPS)  # every W row arrived and summed
         _epilogue(part, offs_n, nmask, bias_ptr, y_ptr, acc_ptr, cnt_ptr, N, REDUCE, HAS_BIAS, FENCE,
                   ACCUM)
         _stamp(stamp_ptr, 4, tl.program_id(0), STAMPS)  # the epilogue issued
-        if STEAL:
-            # The chunks of this (segment, slice): CHUNKS per program of it (its column blocks x
-            # SHARE). The counter is never reset: every program makes exactly one grab past the
-            # chunks (the one that stops it), so a launch advances it by exactly G and the next
-            # launch on it starts at a multiple of G again.
-            s_lo = tl.where(seg == 0, 0, tl.where(seg == 1, B1, B2))
-            s_hi = tl.where(seg == 0, B1, tl.where(seg == 1, B2, N))
-            n_cb = (s_hi - s_lo + BLOCK_N - 1) // BLOCK_N
-            n_chunks = n_cb * SHARE * CHUNKS
-            G = n_chunks + n_cb * SHARE
-            c = (grab % G).to(tl.int32)
-            while c < n_chunks:
-                grab = tl.atomic_add(grp_ctr, 1, sem="relaxed")  # the next one, while this streams
-                cb = c // (SHARE * CHUNKS)
-                pp = (c // CHUNKS) % SHARE
-                k = c % CHUNKS
-                p_lo = pp * count_all // SHARE
-                p_n = (pp + 1) * count_all // SHARE - p_lo
-                tail = p_n * TAIL_PCT // 100
-                a = p_lo + (p_n - tail) + k * tail // CHUNKS
-                b = p_lo + (p_n - tail) + (k + 1) * tail // CHUNKS
-                offs_c = s_lo + cb * BLOCK_N + tl.arange(0, BLOCK_N)
-                cmask = offs_c < N
-                lbase = seg * K + k_lo + a
-                pc = _stream(wt_ptr + offs_c[None, :], idx_ptr + lbase, xv_ptr + lbase, b - a, cmask,
-                             stride_wk, BLOCK_N, BLOCK_K, EVEN_N, DEPTH, SUM_ROWS)
-                tl.atomic_add(y_ptr + offs_c, pc, mask=cmask & (b > a), sem="relaxed")
-                c = (grab % G).to(tl.int32)
 
 
 # Scratch (fp32 accumulator / partials, int32 arrival counters, the kept-channel lists), one
@@ -666,17 +612,6 @@ def _scratch(device: torch.device, n_acc: int, n_part: int, n_cnt: int, n_idx: i
         xv = torch.empty(max(n_idx, 1 << 15), dtype=torch.float32, device=device)
     _SCRATCH[key] = (acc, part, cnt, idx, xv)
     return acc, part, cnt, idx, xv
-
-
-_STEAL_COUNTERS: dict = {}
-
-
-def _steal_counters(device: torch.device, key, n: int) -> torch.Tensor:
-    """STEAL's int64 chunk counters for one launch shape (one per (segment, slice)), zeroed once."""
-    k = (device.type, device.index, key)
-    if k not in _STEAL_COUNTERS:
-        _STEAL_COUNTERS[k] = torch.zeros(n, dtype=torch.int64, device=device)
-    return _STEAL_COUNTERS[k]
 
 
 def _fit_block_n(block_n: int, block_k: int, splits) -> tuple[int, int]:
@@ -777,7 +712,6 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     clr_arg = clear if clr_n else y
     if cfg.slice:
         scan = _scan(cfg, slice_)
-        steal = STEAL and accum and not cfg.producer
         acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n,
                                            3 * K + 3 * n_slices)
         lcnt = idx[3 * K:]  # the producer's counts, after the lists
@@ -790,9 +724,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
             DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
-            stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None,
-            q_ptr=_steal_counters(x1.device, (N, K, tuple(splits), cfg), len(splits) * n_slices) if steal else cnt,
-            STEAL=steal, TAIL_PCT=STEAL_TAIL_PCT, CHUNKS=STEAL_CHUNKS, **clr, **common)
+            stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](

@@ -19,7 +19,7 @@ import tempfile
 
 # Per-SM limits of Hopper (sm_90) and Ampere's A100 (sm_80) alike: registers, warps, blocks.
 SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32
-POINTER_TYPES = {"q_ptr": "i64", "thr_ptr": "fp32", "acc_ptr": "fp32", "xv_ptr": "fp32", "clr_ptr": "fp32",
+POINTER_TYPES = {"thr_ptr": "fp32", "acc_ptr": "fp32", "xv_ptr": "fp32", "clr_ptr": "fp32",
                  "cnt_ptr": "i32", "idx_ptr": "i32", "lcnt_ptr": "i32"}
 
 
@@ -34,7 +34,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                      sum_rows: bool | None = None, dtype: str = "bf16", arch: int = 90,
                      glu: bool = False, accum: bool = False, clear: bool = False,
                      norm: bool = False, k: int = 4096, maxnreg: int | None = None,
-                     partials: int = 0, share: int = 1, steal: bool = False) -> dict:
+                     partials: int = 0, share: int = 1) -> dict:
     """ptxas's report for `_sparse_gemv_compact_kernel` with this launch config, for sm_<arch>
     (90: the H200's sm_90a; 80: an A100).
 
@@ -44,7 +44,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     RMSNorm of a residual stream of k entries computed inside). maxnreg: ptxas's register cap
     (Config.maxnreg); partials: x is a split attention's partials, this many splits of head
     dimension 128 (o_proj's input in the decoder's fused step); share: programs per slice
-    (Config.share); steal: gemv.STEAL's variant (accumulating form only)."""
+    (Config.share)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -64,8 +64,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                       PRODUCED=False, REDUCE=0, HAS_BIAS=False, EVEN_N=True, DEPTH=depth, PDL=arch >= 90,
                       FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu, NORM=norm,
                       NORM_BLOCK=gemv._norm_block(k), ACCUM=accum, HAS_CLEAR=clear,
-                      CLR_BLOCK=32, PARTS=partials, HEAD_D=128, SHARE=share, STAMPS=False,
-                      STEAL=steal, TAIL_PCT=gemv.STEAL_TAIL_PCT, CHUNKS=gemv.STEAL_CHUNKS)
+                      CLR_BLOCK=32, PARTS=partials, HEAD_D=128, SHARE=share, STAMPS=False)
     types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}),
                  **({"x_ptr": "fp32"} if norm or partials else {}))
     signature, attrs = {}, {}
@@ -94,7 +93,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
     return dict(block_n=block_n, block_k=block_k, warps=warps, slice=slice_, depth=depth, dtype=dtype,
                 sum_rows=bool(sum_rows), glu=glu, accum=accum, clear=clear, norm=norm, partials=partials,
-                share=share, steal=steal, arch=gpu, registers=registers, spill_bytes=spills,
+                share=share, arch=gpu, registers=registers, spill_bytes=spills,
                 programs_per_sm=programs_per_sm(registers, warps))
 
 
@@ -112,14 +111,12 @@ def main(argv=None) -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="ptxas's register cap")
     ap.add_argument("--partials", type=int, default=0, help="x: a split attention's partials, this many splits")
     ap.add_argument("--share", type=int, default=1, help="programs per slice (Config.share)")
-    ap.add_argument("--steal", action="store_true", help="gemv.STEAL's variant (with --accum)")
     for flag in ("glu", "accum", "clear", "norm"):
         ap.add_argument(f"--{flag}", action="store_true", help=f"the {flag} variant (see kernel_resources)")
     a = ap.parse_args(argv)
     print(json.dumps(kernel_resources(a.block_n, a.block_k, a.warps, a.slice, a.depth, a.sum_rows,
                                       a.dtype, a.arch, a.glu, a.accum, a.clear, a.norm,
-                                      maxnreg=a.maxnreg, partials=a.partials, share=a.share,
-                                      steal=a.steal)))
+                                      maxnreg=a.maxnreg, partials=a.partials, share=a.share)))
 
 
 if __name__ == "__main__":
