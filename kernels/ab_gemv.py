@@ -4,9 +4,9 @@ the bench's timer (CUDA graph, rotating weights).
 
     PYTHONPATH=. python kernels/ab_gemv.py --flag FLAG --out $OUT/ab_gemv.json
 
-FLAG is a module-level boolean of gemv.py that _launch reads at every launch (REG_HEAD and
-ALL_ROWS at git ac9a376 and 93e320a were; kernels/README.md, items 18-19): a switch under test is
-added as one, measured here, and kept or reverted.
+FLAG is a module-level boolean of gemv.py that _launch reads at every launch (REG_HEAD, ALL_ROWS
+and STEAL at git ac9a376, 93e320a and 03a087d were; kernels/README.md, items 18, 19 and 24): a
+switch under test is added as one, measured here, and kept or reverted.
 
 Per shape (sparse_gemv_into with the package's configs, plain x): nothing kept (threshold +inf) and the
 given sparsities; then the decoder's fused layer chain (bench.layer_chain_fused: norms inside,
