@@ -541,9 +541,9 @@ if HAVE_TRITON:
             # slice varies from slice to slice (a binomial at random x: the busiest of fused
             # QKV's 43 slices holds 1.21x the mean at 50%) and the busiest program ends the
             # launch; a longer slice split by its count varies less (kernels/README.md item 21).
-            part = tl.program_id(1) % SHARE
-            lo = part * count // SHARE
-            count = (part + 1) * count // SHARE - lo
+            share_i = tl.program_id(1) % SHARE
+            lo = share_i * count // SHARE
+            count = (share_i + 1) * count // SHARE - lo
             base += lo
 
         # 2. Stream the kept rows of W^T, BLOCK_K at a time (dense tiles of gathered rows, each
