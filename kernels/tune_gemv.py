@@ -145,11 +145,9 @@ def configs(shape, K, sweep=10):
     """The sweep's candidates (sweeps 5-9: kernels/README.md), all with PDL."""
     if sweep == 9:
         return [compact(*c, pdl=1) for c in SWEEP9.get(shape, [])]
-    if sweep in (14, 15):
-        table = SWEEP14 if sweep == 14 else SWEEP15
-        return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r, sh) for bn, bk, w, sl, d, m, r, sh in table.get(shape, [])]
-    table = {11: SWEEP11, 13: SWEEP13}.get(sweep, SWEEP10)
-    return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r) for bn, bk, w, sl, d, m, r in table.get(shape, [])]
+    table = {11: SWEEP11, 13: SWEEP13, 14: SWEEP14, 15: SWEEP15}.get(sweep, SWEEP10)
+    # Sweeps 14-15 add SHARE as an eighth field; the others leave it at Config's default.
+    return [(bn, bk, w, 0, 0, sl, d, 1, 0, 0, m, r, *share) for bn, bk, w, sl, d, m, r, *share in table.get(shape, [])]
 
 
 def variants(cfg):
