@@ -597,6 +597,23 @@ def test_ptxas_row_sums_save_registers():
     assert accum["registers"] < rows["registers"]
 
 
+@needs_kernel
+def test_stamps_table_checked():
+    """_launch's stamp table (kernels/gemv_timeline.py) is refused, before anything is launched,
+    when it is too small, not int64, for the masked kernel, or for segments launched one by one."""
+    K, N = 64, 96
+    w, x, _ = make(N, K, torch.float32, 0.0)
+    wt, thr, cfg = prepare_weight(w), torch.tensor([0.0], device=DEV), (32, 8, 4, 0, 0, 32)  # 3 x 2 programs
+    for bad, c, splits in ((torch.zeros(5, 12, dtype=torch.int64), cfg, (N,)),
+                           (torch.zeros(6, 12, dtype=torch.int32), cfg, (N,)),
+                           (torch.zeros(6, 12, dtype=torch.int64), CFGS[0], (N,))):
+        with pytest.raises(ValueError, match="12 int64 per program"):
+            _launch(x, wt, thr, splits, None, c, stamps=bad.to(DEV))
+    with pytest.raises(ValueError, match="not aligned"):
+        _launch(x, wt, torch.tensor([0.0, 0.0], device=DEV), (40, 56), None, cfg,
+                stamps=torch.zeros(6, 12, dtype=torch.int64, device=DEV))
+
+
 def test_timeline_summary_closed_form():
     """kernels/gemv_timeline.py's summary of a stamp table (globaltimer ns and clock64 at five
     points per program, the SM in slot 10), on a table built by hand."""

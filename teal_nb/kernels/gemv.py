@@ -674,6 +674,9 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     y = out if accum else torch.empty(N, dtype=x1.dtype, device=x1.device)
     bounds = list(splits[:-1])
     if any(b % cfg.block_n for b in bounds):  # segments not aligned to any usable block: one launch each
+        if stamps is not None:
+            raise ValueError(f"stamps: segments {tuple(splits)} are not aligned to {cfg.block_n}-column blocks, "
+                             "so this runs one launch per segment; stamp one segment at a time")
         start = 0
         for i, n in enumerate(splits):
             sub_bias = None if bias is None else bias[start:start + n]
@@ -710,6 +713,10 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     clr = dict(HAS_CLEAR=clr_n > 0,
                CLR_BLOCK=max(16, triton.next_power_of_2(triton.cdiv(max(clr_n, 1), grid_n * split_k))))
     clr_arg = clear if clr_n else y
+    if stamps is not None and (not cfg.slice or stamps.dtype != torch.int64 or stamps.numel() < grid_n * split_k * 12):
+        raise ValueError(f"stamps: the compacting kernel (slice > 0) writes 12 int64 per program, "
+                         f"{grid_n} x {split_k} programs here: pass an int64 tensor of at least "
+                         f"[{grid_n * split_k}, 12], got {stamps.dtype} {tuple(stamps.shape)} (config {tuple(cfg)})")
     if cfg.slice:
         scan = _scan(cfg, slice_)
         acc, part, cnt, idx, xv = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n,
