@@ -415,11 +415,22 @@ if HAVE_TRITON:
             u = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
             return (g * tl.sigmoid(g) * u).to(nw_ptr.dtype.element_ty).to(tl.float32)
         if NORM:
-            r = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xn = (r * rs).to(nw_ptr.dtype.element_ty).to(tl.float32)
-            return (xn * w).to(nw_ptr.dtype.element_ty).to(tl.float32)
+            r, w = _norm_raw(x_ptr, offs, mask, nw_ptr)
+            return _norm_finish(r, w, rs, nw_ptr)
         return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _norm_raw(x_ptr, offs, mask, nw_ptr):
+        """NORM's loads for x[offs]: the residual stream and the norm weight, in fp32."""
+        r = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return r, w
+
+    @triton.jit
+    def _norm_finish(r, w, rs, nw_ptr):
+        """x = w * round(r * rs), rounded to the norm weight's dtype, as HF Llama's RMSNorm."""
+        xn = (r * rs).to(nw_ptr.dtype.element_ty).to(tl.float32)
+        return (xn * w).to(nw_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _norm_scale(x_ptr, K, eps, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
@@ -445,15 +456,26 @@ if HAVE_TRITON:
             tl.store(clr_ptr + offs, tl.zeros([CLR_BLOCK], dtype=tl.float32), mask=offs < CLR_N)
 
     @triton.jit
-    def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, nw_ptr, rs, SCAN: tl.constexpr,
-                 GLU: tl.constexpr, NORM: tl.constexpr, PARTS: tl.constexpr, HEAD_D: tl.constexpr):
+    def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, nw_ptr, eps, SCAN: tl.constexpr,
+                 GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PARTS: tl.constexpr,
+                 HEAD_D: tl.constexpr):
         """Write the kept channels of x[k_lo:k_hi] (|x| > t) and their values to idx_ptr / xv_ptr
         in order; return how many. A kept channel's position is the number of kept channels
         before it: a prefix sum, SCAN channels at a time (8 per thread keeps the registers low),
-        the next SCAN channels of x loaded before the current ones are summed."""
+        the next SCAN channels of x loaded before the current ones are summed.
+        NORM: the first SCAN channels' residual and norm weight are requested before the norm's
+        sum over all of K, whose cross-warp reduction is a barrier that no load after it crosses:
+        their round trip (the weight's from HBM: ~15 GB of weights pass through L2 between two
+        uses) overlaps the sum's instead of following it."""
         count = k_lo * 0
         offs = k_lo + tl.arange(0, SCAN)
-        xs_next = _load_x(x_ptr, offs, offs < k_hi, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
+        if NORM:
+            r0, w0 = _norm_raw(x_ptr, offs, offs < k_hi, nw_ptr)
+            rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
+            xs_next = _norm_finish(r0, w0, rs, nw_ptr)
+        else:
+            rs = 1.0
+            xs_next = _load_x(x_ptr, offs, offs < k_hi, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
         for c in range(k_lo, k_hi, SCAN):
             inb = offs < k_hi
             xs = xs_next
@@ -486,9 +508,8 @@ if HAVE_TRITON:
         seg = tl.program_id(0)
         k_lo = tl.program_id(1) * SLICE
         base = seg * K + k_lo
-        rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
         count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, tl.load(thr_ptr + seg), k_lo,
-                         tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
+                         tl.minimum(k_lo + SLICE, K), K, nw_ptr, eps, SCAN, GLU, NORM, NORM_BLOCK, PARTS, HEAD_D)
         tl.store(cnt_ptr + seg * tl.num_programs(1) + tl.program_id(1), count)
 
     @triton.jit
@@ -531,9 +552,9 @@ if HAVE_TRITON:
         if PRODUCED:
             count = tl.load(lcnt_ptr + seg * (tl.num_programs(1) // SHARE) + slice_id)
         else:
-            rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
-                             tl.minimum(k_lo + SLICE, K), K, nw_ptr, rs, SCAN, GLU, NORM, PARTS, HEAD_D)
+                             tl.minimum(k_lo + SLICE, K), K, nw_ptr, eps, SCAN, GLU, NORM, NORM_BLOCK, PARTS,
+                             HEAD_D)
         tl.debug_barrier()  # the list is complete before any thread reads it
         _stamp(stamp_ptr, 2, count, STAMPS)  # the kept list stored
         if SHARE > 1:
