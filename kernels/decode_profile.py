@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
-                    help="comma list of backend:attention[:nopdl][:nopartials] (see run_variant)")
+                    help="comma list of backend:attention[:nopdl][:nopartials][:nopreload] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -98,7 +98,7 @@ def main():
     from teal_nb.config import SITES
     from teal_nb.decode import Decoder, weight_bytes_per_token
     from teal_nb.decode_calibrate import calibrate_decode
-    from teal_nb.kernels import sparse_gemv
+    from teal_nb.kernels import gemv, sparse_gemv
     from teal_nb.kernels.bench import copy_rate_gbps, graph_us, provenance
     from teal_nb.results import write_json
 
@@ -165,8 +165,10 @@ def main():
 
     def run_variant(key, mode="reduce-overhead"):
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
-        # splits itself (decode_attention) instead of o's kernel (decode_attention_partials).
+        # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
+        # "nopreload": the sparse GEMV without gemv.NORM_PRELOAD.
         backend, attn, *opt = key.split(":")
+        gemv.NORM_PRELOAD = "nopreload" not in opt
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt

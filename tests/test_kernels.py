@@ -635,3 +635,27 @@ def test_timeline_summary_closed_form():
     assert r["chain_us"][1] == 1.0 and r["chain_cycles_median"] == 2000.0  # listed - waited
     assert r["stream_us"][1] == 7.0 and r["stream_us"][3] == 17.0  # streamed - listed
     assert r["ended_us"] == [9.5, 20.0] and r["tail_us"] == 10.5
+
+
+@needs_kernel
+def test_into_norm_preload_switch_same_sums(monkeypatch):
+    """gemv.NORM_PRELOAD (the slice's residual and norm weight requested before the norm's sum)
+    changes when the loads are issued, not what is computed: the same output either way."""
+    from teal_nb.kernels import gemv
+
+    K, N, dtype = 70, 100, torch.bfloat16
+    w, _, _ = make(N, K, dtype, 0.0, seed=5)
+    wt = prepare_weight(w)
+    x, kw = _into_case("norm", dtype, K, N, seed=6)
+    thr = torch.tensor([0.3], device=DEV)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(gemv, "NORM_PRELOAD", on)
+        for cfg in (CFGS[2], CFGS[5]):  # compacting; the producer kernel
+            out = torch.zeros(N, device=DEV)
+            _launch(x, wt, thr, (N,), None, cfg, out=out, norm_weight=kw["norm_weight"])
+            outs.append(out)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    ref = torch.zeros(N, device=DEV)
+    sparse_gemv_into_reference(ref, x, wt, thr, None, **kw)
+    assert rel_err(outs[0], ref) < TOL[dtype]

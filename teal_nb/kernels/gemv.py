@@ -79,6 +79,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # partial sums (a PTX release is cumulative over barrier-synchronized writes), and the fence cost
 # ~2 us per layer (kernels/README.md, item 10). TEAL_GEMV_FENCE=1 puts it back.
 GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
+# Under test (kernels/README.md, left to try): NORM requests the slice's residual and norm weight
+# before the norm's reduction (_compact). kernels/ab_gemv.py --flag NORM_PRELOAD compares.
+NORM_PRELOAD = True
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -458,7 +461,7 @@ if HAVE_TRITON:
     @triton.jit
     def _compact(x_ptr, idx_ptr, xv_ptr, t, k_lo, k_hi, K, nw_ptr, eps, SCAN: tl.constexpr,
                  GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PARTS: tl.constexpr,
-                 HEAD_D: tl.constexpr):
+                 HEAD_D: tl.constexpr, PRELOAD: tl.constexpr):
         """Write the kept channels of x[k_lo:k_hi] (|x| > t) and their values to idx_ptr / xv_ptr
         in order; return how many. A kept channel's position is the number of kept channels
         before it: a prefix sum, SCAN channels at a time (8 per thread keeps the registers low),
@@ -469,12 +472,12 @@ if HAVE_TRITON:
         uses) overlaps the sum's instead of following it."""
         count = k_lo * 0
         offs = k_lo + tl.arange(0, SCAN)
-        if NORM:
+        if NORM and PRELOAD:
             r0, w0 = _norm_raw(x_ptr, offs, offs < k_hi, nw_ptr)
             rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             xs_next = _norm_finish(r0, w0, rs, nw_ptr)
         else:
-            rs = 1.0
+            rs = _norm_scale(x_ptr, K, eps, NORM, NORM_BLOCK)
             xs_next = _load_x(x_ptr, offs, offs < k_hi, K, nw_ptr, rs, GLU, NORM, PARTS, HEAD_D)
         for c in range(k_lo, k_hi, SCAN):
             inb = offs < k_hi
@@ -499,7 +502,7 @@ if HAVE_TRITON:
     def _kept_list_kernel(x_ptr, thr_ptr, idx_ptr, xv_ptr, cnt_ptr, nw_ptr, eps, K, SLICE,
                           SCAN: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr,
                           NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PARTS: tl.constexpr,
-                          HEAD_D: tl.constexpr):
+                          HEAD_D: tl.constexpr, PRELOAD: tl.constexpr):
         """Producer (PRODUCED=1 below): the kept-channel list of (segment, K slice) built once per
         launch instead of once per program; its count goes to cnt_ptr[seg * split_k + slice]."""
         if PDL:
@@ -509,7 +512,8 @@ if HAVE_TRITON:
         k_lo = tl.program_id(1) * SLICE
         base = seg * K + k_lo
         count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, tl.load(thr_ptr + seg), k_lo,
-                         tl.minimum(k_lo + SLICE, K), K, nw_ptr, eps, SCAN, GLU, NORM, NORM_BLOCK, PARTS, HEAD_D)
+                         tl.minimum(k_lo + SLICE, K), K, nw_ptr, eps, SCAN, GLU, NORM, NORM_BLOCK, PARTS, HEAD_D,
+                         PRELOAD)
         tl.store(cnt_ptr + seg * tl.num_programs(1) + tl.program_id(1), count)
 
     @triton.jit
@@ -533,6 +537,7 @@ if HAVE_TRITON:
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
         PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr,
+        PRELOAD: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
@@ -554,7 +559,7 @@ if HAVE_TRITON:
         else:
             count = _compact(x_ptr + 0, idx_ptr + base, xv_ptr + base, t, k_lo,
                              tl.minimum(k_lo + SLICE, K), K, nw_ptr, eps, SCAN, GLU, NORM, NORM_BLOCK, PARTS,
-                             HEAD_D)
+                             HEAD_D, PRELOAD)
         tl.debug_barrier()  # the list is complete before any thread reads it
         _stamp(stamp_ptr, 2, count, STAMPS)  # the kept list stored
         if SHARE > 1:
@@ -746,13 +751,15 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
         if cfg.producer:
             _kept_list_kernel[(len(splits), n_slices)](
                 x1, thr, idx, xv, lcnt, nw, eps, K, slice_, SCAN=scan, PDL=pdl, GLU=glu, NORM=norm,
-                NORM_BLOCK=common["NORM_BLOCK"], PARTS=partials[0], HEAD_D=partials[1], num_warps=cfg.warps,
+                NORM_BLOCK=common["NORM_BLOCK"], PARTS=partials[0], HEAD_D=partials[1], PRELOAD=NORM_PRELOAD,
+                num_warps=cfg.warps,
                 **({"launch_pdl": True} if pdl else {}))
         _sparse_gemv_compact_kernel[(grid_n, split_k)](
             x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, idx, xv, lcnt, nw, eps, clr_arg, clr_n,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
             DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
-            stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, **clr, **common)
+            stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, PRELOAD=NORM_PRELOAD,
+            **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](

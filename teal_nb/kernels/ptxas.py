@@ -64,7 +64,8 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                       PRODUCED=False, REDUCE=0, HAS_BIAS=False, EVEN_N=True, DEPTH=depth, PDL=arch >= 90,
                       FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu, NORM=norm,
                       NORM_BLOCK=gemv._norm_block(k), ACCUM=accum, HAS_CLEAR=clear,
-                      CLR_BLOCK=32, PARTS=partials, HEAD_D=128, SHARE=share, STAMPS=False)
+                      CLR_BLOCK=32, PARTS=partials, HEAD_D=128, SHARE=share, STAMPS=False,
+                      PRELOAD=gemv.NORM_PRELOAD)
     types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}),
                  **({"x_ptr": "fp32"} if norm or partials else {}))
     signature, attrs = {}, {}
