@@ -79,8 +79,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # partial sums (a PTX release is cumulative over barrier-synchronized writes), and the fence cost
 # ~2 us per layer (kernels/README.md, item 10). TEAL_GEMV_FENCE=1 puts it back.
 GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
-# Under test (kernels/README.md, left to try): NORM requests the slice's residual and norm weight
-# before the norm's reduction (_compact). kernels/ab_gemv.py --flag NORM_PRELOAD compares.
+# NORM requests the slice's residual and norm weight before the norm's reduction (_compact), so
+# their HBM round trip overlaps the reduction's barriers: ~0.2 us per norm launch, +0.3% tok/s
+# (kernels/README.md, item 25). Kept as a switch for kernels/ab_gemv.py --flag NORM_PRELOAD.
 NORM_PRELOAD = True
 
 
