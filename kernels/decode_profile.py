@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
-                    help="comma list of backend:attention[:nopdl][:nopartials][:nopreload] (see run_variant)")
+                    help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -166,9 +166,11 @@ def main():
     def run_variant(key, mode="reduce-overhead"):
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
         # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
-        # "nopreload": the sparse GEMV without gemv.NORM_PRELOAD.
+        # "nopreload": the sparse GEMV without gemv.NORM_PRELOAD; "noprefetch": without
+        # gemv.W_PREFETCH.
         backend, attn, *opt = key.split(":")
         gemv.NORM_PRELOAD = "nopreload" not in opt
+        gemv.W_PREFETCH = "noprefetch" not in opt
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt

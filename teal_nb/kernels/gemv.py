@@ -83,6 +83,10 @@ GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
 # their HBM round trip overlaps the reduction's barriers: ~0.2 us per norm launch, +0.3% tok/s
 # (kernels/README.md, item 25). Kept as a switch for kernels/ab_gemv.py --flag NORM_PRELOAD.
 NORM_PRELOAD = True
+# Under test (kernels/README.md item 26): each program of the compacting kernel asks L2 for the
+# first W_PREFETCH_TILES x BLOCK_K candidate rows of its W^T block before its PDL wait (_prefetch_w).
+W_PREFETCH = True
+W_PREFETCH_TILES = int(os.environ.get("TEAL_PREFETCH_TILES", "2"))
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -256,6 +260,28 @@ if HAVE_TRITON:
                 sm = tl.inline_asm_elementwise("mov.u32 $0, %smid; // $1", "=r,r", [dep.to(tl.int32)],
                                                dtype=tl.int32, is_pure=False, pack=1)
                 tl.store(row + 10, sm.to(tl.int64))
+
+    @triton.jit
+    def _prefetch_w(wt_ptr, K, stride_wk, SLICE, ROW_BYTES, BLOCK_N: tl.constexpr, SHARE: tl.constexpr,
+                    PF_ROWS: tl.constexpr, LANES: tl.constexpr):
+        """Ask L2 for the first PF_ROWS rows of this program's part of its slice of W^T (each
+        row of its block ROW_BYTES contiguous bytes: one cp.async.bulk.prefetch.L2 per row, one
+        row per thread; Hopper and newer). W does not depend on x, so this may run before the
+        wait for the launch before; the rows this program streams first are among these (all of
+        them at s = 0, about half at 50%), so its first tiles come from L2 instead of HBM, and
+        the bytes move while the launch before drains, when HBM is underused (its tail,
+        kernels/README.md item 23). PF_ROWS = 0: nothing (the interpreter has no inline asm)."""
+        if PF_ROWS > 0:
+            k_lo = (tl.program_id(1) // SHARE) * SLICE
+            k_hi = tl.minimum(k_lo + SLICE, K)
+            first = k_lo + (tl.program_id(1) % SHARE) * (k_hi - k_lo) // SHARE
+            r = tl.arange(0, LANES)
+            ok = (r < PF_ROWS) & (first + r < k_hi)
+            rows = wt_ptr + tl.program_id(0) * BLOCK_N + (first + r).to(tl.int64) * stride_wk
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $1, 0; @p cp.async.bulk.prefetch.L2.global [$2], $3; mov.b32 $0, 0; }",
+                "=r,r,l,r", [ok.to(tl.int32), rows, tl.zeros_like(r) + ROW_BYTES], dtype=tl.int32,
+                is_pure=False, pack=1)
 
     @triton.jit
     def _keep(x, t):
@@ -538,11 +564,12 @@ if HAVE_TRITON:
         GLU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
         ACCUM: tl.constexpr, HAS_CLEAR: tl.constexpr, CLR_BLOCK: tl.constexpr,
         PARTS: tl.constexpr, HEAD_D: tl.constexpr, SHARE: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr,
-        PRELOAD: tl.constexpr,
+        PRELOAD: tl.constexpr, ROW_BYTES, PF_ROWS: tl.constexpr, PF_LANES: tl.constexpr,
     ):
         """Compacting variant: the loop runs over kept channels only, so its trip count (and its
         instruction count) falls with sparsity, where the masked loop only saves bytes."""
         _stamp(stamp_ptr, 0, tl.program_id(0), STAMPS)  # entry (with PDL: before the wait)
+        _prefetch_w(wt_ptr, K, stride_wk, SLICE, ROW_BYTES, BLOCK_N, SHARE, PF_ROWS, PF_LANES)
         offs_n, nmask, seg, t = _prologue(thr_ptr, N, B1, B2, BLOCK_N, PDL)
         _stamp(stamp_ptr, 1, t, STAMPS)  # the previous kernel done, the threshold read
         _clear(clr_ptr, CLR_N, HAS_CLEAR, CLR_BLOCK)
@@ -760,13 +787,25 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
             DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
             stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, PRELOAD=NORM_PRELOAD,
-            **clr, **common)
+            **_prefetch(wt, cfg), **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
         x1, wt, thr, bias_arg, y, part if cfg.reduce else acc, cnt, nw, eps, clr_arg, clr_n,
         N, K, wt.stride(0), b1, b2, iters, **clr, **common)
     return y
+
+
+def _prefetch(wt: torch.Tensor, cfg: Config) -> dict:
+    """_prefetch_w's arguments: W_PREFETCH_TILES tiles of rows when the bulk prefetch applies
+    (W_PREFETCH, a Hopper GPU, whole 16-byte-aligned BLOCK_N-wide rows), else none."""
+    K, N = wt.shape
+    row_bytes = cfg.block_n * wt.element_size()
+    ok = (W_PREFETCH and wt.is_cuda and _capability(wt.device) >= 9 and N % cfg.block_n == 0
+          and row_bytes % 16 == 0 and (wt.stride(0) * wt.element_size()) % 16 == 0 and wt.data_ptr() % 16 == 0)
+    rows = W_PREFETCH_TILES * cfg.block_k if ok else 0
+    return dict(ROW_BYTES=row_bytes, PF_ROWS=rows,
+                PF_LANES=max(32 * cfg.warps, triton.next_power_of_2(max(rows, 1))))
 
 
 def _norm_block(K: int) -> int:

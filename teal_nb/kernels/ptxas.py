@@ -34,7 +34,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                      sum_rows: bool | None = None, dtype: str = "bf16", arch: int = 90,
                      glu: bool = False, accum: bool = False, clear: bool = False,
                      norm: bool = False, k: int = 4096, maxnreg: int | None = None,
-                     partials: int = 0, share: int = 1) -> dict:
+                     partials: int = 0, share: int = 1, prefetch: int = 0) -> dict:
     """ptxas's report for `_sparse_gemv_compact_kernel` with this launch config, for sm_<arch>
     (90: the H200's sm_90a; 80: an A100).
 
@@ -44,7 +44,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     RMSNorm of a residual stream of k entries computed inside). maxnreg: ptxas's register cap
     (Config.maxnreg); partials: x is a split attention's partials, this many splits of head
     dimension 128 (o_proj's input in the decoder's fused step); share: programs per slice
-    (Config.share)."""
+    (Config.share); prefetch: tiles of W rows asked of L2 before the wait (gemv._prefetch_w)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -65,7 +65,8 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                       FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu, NORM=norm,
                       NORM_BLOCK=gemv._norm_block(k), ACCUM=accum, HAS_CLEAR=clear,
                       CLR_BLOCK=32, PARTS=partials, HEAD_D=128, SHARE=share, STAMPS=False,
-                      PRELOAD=gemv.NORM_PRELOAD)
+                      PRELOAD=gemv.NORM_PRELOAD, PF_ROWS=prefetch * block_k,
+                      PF_LANES=max(32 * warps, triton.next_power_of_2(max(prefetch * block_k, 1))))
     types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}),
                  **({"x_ptr": "fp32"} if norm or partials else {}))
     signature, attrs = {}, {}
@@ -94,7 +95,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
     return dict(block_n=block_n, block_k=block_k, warps=warps, slice=slice_, depth=depth, dtype=dtype,
                 sum_rows=bool(sum_rows), glu=glu, accum=accum, clear=clear, norm=norm, partials=partials,
-                share=share, arch=gpu, registers=registers, spill_bytes=spills,
+                share=share, prefetch=prefetch, arch=gpu, registers=registers, spill_bytes=spills,
                 programs_per_sm=programs_per_sm(registers, warps))
 
 
@@ -112,12 +113,14 @@ def main(argv=None) -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="ptxas's register cap")
     ap.add_argument("--partials", type=int, default=0, help="x: a split attention's partials, this many splits")
     ap.add_argument("--share", type=int, default=1, help="programs per slice (Config.share)")
+    ap.add_argument("--prefetch", type=int, default=0, help="tiles of W rows prefetched into L2 (gemv._prefetch_w)")
     for flag in ("glu", "accum", "clear", "norm"):
         ap.add_argument(f"--{flag}", action="store_true", help=f"the {flag} variant (see kernel_resources)")
     a = ap.parse_args(argv)
     print(json.dumps(kernel_resources(a.block_n, a.block_k, a.warps, a.slice, a.depth, a.sum_rows,
                                       a.dtype, a.arch, a.glu, a.accum, a.clear, a.norm,
-                                      maxnreg=a.maxnreg, partials=a.partials, share=a.share)))
+                                      maxnreg=a.maxnreg, partials=a.partials, share=a.share,
+                                      prefetch=a.prefetch)))
 
 
 if __name__ == "__main__":
