@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
-                    help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch] (see run_variant)")
+                    help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch][:pfN][:pf=kind+kind] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -167,10 +167,13 @@ def main():
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
         # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
         # "nopreload": the sparse GEMV without gemv.NORM_PRELOAD; "noprefetch": without
-        # gemv.W_PREFETCH.
+        # gemv.W_PREFETCH; "pfN": gemv.W_PREFETCH_TILES = N; "pf=norm+glu": gemv.W_PREFETCH_KINDS.
         backend, attn, *opt = key.split(":")
         gemv.NORM_PRELOAD = "nopreload" not in opt
         gemv.W_PREFETCH = "noprefetch" not in opt
+        gemv.W_PREFETCH_TILES = next((int(o[2:]) for o in opt if o[2:].isdigit() and o.startswith("pf")), 2)
+        gemv.W_PREFETCH_KINDS = next((set(o[3:].split("+")) for o in opt if o.startswith("pf=")),
+                                     {"plain", "norm", "glu", "partials"})
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt
