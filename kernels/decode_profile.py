@@ -173,7 +173,7 @@ def main():
         gemv.W_PREFETCH = "noprefetch" not in opt
         gemv.W_PREFETCH_TILES = next((int(o[2:]) for o in opt if o[2:].isdigit() and o.startswith("pf")), 2)
         gemv.W_PREFETCH_KINDS = next((set(o[3:].split("+")) for o in opt if o.startswith("pf=")),
-                                     {"plain", "norm", "glu", "partials"})
+                                     {"plain", "glu", "partials"})
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt
