@@ -788,7 +788,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
             DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
             stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, PRELOAD=NORM_PRELOAD,
-            **_prefetch(wt, cfg, _input_kind(glu, norm, partials)), **clr, **common)
+            **_prefetch(wt, cfg, _input_kind(glu, norm, partials), accum), **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
@@ -801,13 +801,14 @@ def _input_kind(glu: bool, norm: bool, partials) -> str:
     return "glu" if glu else "norm" if norm else "partials" if partials[0] else "plain"
 
 
-def _prefetch(wt: torch.Tensor, cfg: Config, kind: str) -> dict:
+def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool) -> dict:
     """_prefetch_w's arguments: W_PREFETCH_TILES tiles of rows when the bulk prefetch applies
-    (W_PREFETCH for this kind of input, a Hopper GPU, whole 16-byte-aligned BLOCK_N-wide rows),
-    else none."""
+    (W_PREFETCH, sparse_gemv_into with this kind of input, a Hopper GPU, whole 16-byte-aligned
+    BLOCK_N-wide rows), else none. Not sparse_gemv: its bf16 configs' short slices (64-96
+    channels, 4 programs per SM) lost 10-13% with it at 50% (fused QKV, q|o; item 26)."""
     K, N = wt.shape
     row_bytes = cfg.block_n * wt.element_size()
-    ok = (W_PREFETCH and kind in W_PREFETCH_KINDS and wt.is_cuda and _capability(wt.device) >= 9 and N % cfg.block_n == 0
+    ok = (W_PREFETCH and accum and kind in W_PREFETCH_KINDS and wt.is_cuda and _capability(wt.device) >= 9 and N % cfg.block_n == 0
           and row_bytes % 16 == 0 and (wt.stride(0) * wt.element_size()) % 16 == 0 and wt.data_ptr() % 16 == 0)
     rows = W_PREFETCH_TILES * cfg.block_k if ok else 0
     return dict(ROW_BYTES=row_bytes, PF_ROWS=rows,
