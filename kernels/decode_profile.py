@@ -167,11 +167,11 @@ def main():
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
         # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
         # "nopreload": the sparse GEMV without gemv.NORM_PRELOAD; "noprefetch": without
-        # gemv.W_PREFETCH; "pfN": gemv.W_PREFETCH_TILES = N; "pf=norm+glu": gemv.W_PREFETCH_KINDS.
+        # gemv.W_PREFETCH; "pfN": gemv.W_PREFETCH_ROWS = N; "pf=norm+glu": gemv.W_PREFETCH_KINDS.
         backend, attn, *opt = key.split(":")
         gemv.NORM_PRELOAD = "nopreload" not in opt
         gemv.W_PREFETCH = "noprefetch" not in opt
-        gemv.W_PREFETCH_TILES = next((int(o[2:]) for o in opt if o[2:].isdigit() and o.startswith("pf")), 2)
+        gemv.W_PREFETCH_ROWS = next((int(o[2:]) for o in opt if o[2:].isdigit() and o.startswith("pf")), 16)
         gemv.W_PREFETCH_KINDS = next((set(o[3:].split("+")) for o in opt if o.startswith("pf=")),
                                      {"plain", "glu", "partials"})
         t0 = time.perf_counter()

@@ -86,8 +86,7 @@ NORM_PRELOAD = True
 # Under test (kernels/README.md item 26): each program of the compacting kernel asks L2 for the
 # first W_PREFETCH_TILES x BLOCK_K candidate rows of its W^T block before its PDL wait (_prefetch_w).
 W_PREFETCH = True
-W_PREFETCH_TILES = int(os.environ.get("TEAL_PREFETCH_TILES", "2"))
-W_PREFETCH_MAX_ROWS = int(os.environ.get("TEAL_PREFETCH_MAX_ROWS", "0"))  # 0: no cap (item 26)
+W_PREFETCH_ROWS = 16  # 2 tiles of 8 rows; k|v's 2 tiles of 32 rows (half its rows) lost (item 26)
 W_PREFETCH_KINDS = {"plain", "glu", "partials"}  # by input: not NORM, where the decode step lost 2% (item 26)
 
 
@@ -811,9 +810,7 @@ def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool) -> dict:
     row_bytes = cfg.block_n * wt.element_size()
     ok = (W_PREFETCH and accum and kind in W_PREFETCH_KINDS and wt.is_cuda and _capability(wt.device) >= 9 and N % cfg.block_n == 0
           and row_bytes % 16 == 0 and (wt.stride(0) * wt.element_size()) % 16 == 0 and wt.data_ptr() % 16 == 0)
-    rows = W_PREFETCH_TILES * cfg.block_k if ok else 0
-    if W_PREFETCH_MAX_ROWS:
-        rows = min(rows, W_PREFETCH_MAX_ROWS)
+    rows = W_PREFETCH_ROWS if ok else 0
     return dict(ROW_BYTES=row_bytes, PF_ROWS=rows,
                 PF_LANES=max(32 * cfg.warps, triton.next_power_of_2(max(rows, 1))))
 
