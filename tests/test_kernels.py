@@ -659,3 +659,33 @@ def test_into_norm_preload_switch_same_sums(monkeypatch):
     ref = torch.zeros(N, device=DEV)
     sparse_gemv_into_reference(ref, x, wt, thr, None, **kw)
     assert rel_err(outs[0], ref) < TOL[dtype]
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the L2 prefetch is inline PTX: GPU only")
+@pytest.mark.parametrize("mode", ["plain", "glu", "norm"])
+def test_into_prefetch_switch_same_sums(monkeypatch, mode):
+    """gemv.W_PREFETCH (the first rows of W^T asked of L2 before the PDL wait) moves bytes into
+    L2, never values: the same output with it on and off, and only where it applies (accumulating
+    launches, not NORM's, whole 16-byte rows)."""
+    from teal_nb.kernels import gemv
+
+    K, N, dtype = 200, 128, torch.bfloat16
+    w, _, _ = make(N, K, dtype, 0.0, seed=5)
+    wt = prepare_weight(w)
+    x, kw = _into_case(mode, dtype, K, N, seed=6)
+    thr = torch.tensor([0.3], device=DEV)
+    cfg = gemv.Config(*CFGS[2])
+    kind = gemv._input_kind(mode == "glu", mode == "norm", (0, 1))
+    rows = gemv._prefetch(wt, cfg, kind, accum=True)["PF_ROWS"]
+    assert rows == (0 if mode == "norm" or torch.cuda.get_device_capability()[0] < 9 else gemv.W_PREFETCH_ROWS)
+    assert gemv._prefetch(wt, cfg, kind, accum=False)["PF_ROWS"] == 0
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(gemv, "W_PREFETCH", on)
+        out = torch.zeros(N, device=DEV)
+        _launch(x, wt, thr, (N,), None, cfg, out=out, **kw)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    ref = torch.zeros(N, device=DEV)
+    sparse_gemv_into_reference(ref, x, wt, thr, None, **kw)
+    assert rel_err(outs[0], ref) < TOL[dtype]

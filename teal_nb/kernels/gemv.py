@@ -83,11 +83,13 @@ GPU_FENCE = os.environ.get("TEAL_GEMV_FENCE", "0") == "1"
 # their HBM round trip overlaps the reduction's barriers: ~0.2 us per norm launch, +0.3% tok/s
 # (kernels/README.md, item 25). Kept as a switch for kernels/ab_gemv.py --flag NORM_PRELOAD.
 NORM_PRELOAD = True
-# Under test (kernels/README.md item 26): each program of the compacting kernel asks L2 for the
-# first W_PREFETCH_TILES x BLOCK_K candidate rows of its W^T block before its PDL wait (_prefetch_w).
+# sparse_gemv_into's programs ask L2 for their first W_PREFETCH_ROWS candidate rows of W^T before
+# their PDL wait (_prefetch_w), so that the first tiles after the kept list come from L2. Measured
+# per kind of input (kernels/README.md, item 26): o (partials) and down (glu) +1.2% tok/s at 50%
+# together; the NORM launches (qkv, gate/up) lost 2% in the decode step, so they go without.
 W_PREFETCH = True
-W_PREFETCH_ROWS = 16  # 2 tiles of 8 rows; k|v's 2 tiles of 32 rows (half its rows) lost (item 26)
-W_PREFETCH_KINDS = {"plain", "glu", "partials"}  # by input: not NORM, where the decode step lost 2% (item 26)
+W_PREFETCH_ROWS = 16  # 2 tiles of 8 rows; k|v's 2 tiles of 32 rows (half its rows) lost
+W_PREFETCH_KINDS = {"plain", "glu", "partials"}  # sparse_gemv_into's inputs it applies to
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -802,7 +804,7 @@ def _input_kind(glu: bool, norm: bool, partials) -> str:
 
 
 def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool) -> dict:
-    """_prefetch_w's arguments: W_PREFETCH_TILES tiles of rows when the bulk prefetch applies
+    """_prefetch_w's arguments: W_PREFETCH_ROWS rows when the bulk prefetch applies
     (W_PREFETCH, sparse_gemv_into with this kind of input, a Hopper GPU, whole 16-byte-aligned
     BLOCK_N-wide rows), else none. Not sparse_gemv: its bf16 configs' short slices (64-96
     channels, 4 programs per SM) lost 10-13% with it at 50% (fused QKV, q|o; item 26)."""

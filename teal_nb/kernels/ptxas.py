@@ -44,7 +44,8 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
     RMSNorm of a residual stream of k entries computed inside). maxnreg: ptxas's register cap
     (Config.maxnreg); partials: x is a split attention's partials, this many splits of head
     dimension 128 (o_proj's input in the decoder's fused step); share: programs per slice
-    (Config.share); prefetch: tiles of W rows asked of L2 before the wait (gemv._prefetch_w)."""
+    (Config.share); prefetch: W rows asked of L2 before the wait (gemv._prefetch_w; the launcher's
+    default is gemv.W_PREFETCH_ROWS)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -65,8 +66,8 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                       FENCE=False, SUM_ROWS=bool(sum_rows), GLU=glu, NORM=norm,
                       NORM_BLOCK=gemv._norm_block(k), ACCUM=accum, HAS_CLEAR=clear,
                       CLR_BLOCK=32, PARTS=partials, HEAD_D=128, SHARE=share, STAMPS=False,
-                      PRELOAD=gemv.NORM_PRELOAD, PF_ROWS=prefetch * block_k,
-                      PF_LANES=max(32 * warps, triton.next_power_of_2(max(prefetch * block_k, 1))))
+                      PRELOAD=gemv.NORM_PRELOAD, PF_ROWS=prefetch,
+                      PF_LANES=max(32 * warps, triton.next_power_of_2(max(prefetch, 1))))
     types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}),
                  **({"x_ptr": "fp32"} if norm or partials else {}))
     signature, attrs = {}, {}
@@ -113,7 +114,7 @@ def main(argv=None) -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="ptxas's register cap")
     ap.add_argument("--partials", type=int, default=0, help="x: a split attention's partials, this many splits")
     ap.add_argument("--share", type=int, default=1, help="programs per slice (Config.share)")
-    ap.add_argument("--prefetch", type=int, default=0, help="tiles of W rows prefetched into L2 (gemv._prefetch_w)")
+    ap.add_argument("--prefetch", type=int, default=0, help="W rows prefetched into L2 per program (gemv._prefetch_w)")
     for flag in ("glu", "accum", "clear", "norm"):
         ap.add_argument(f"--{flag}", action="store_true", help=f"the {flag} variant (see kernel_resources)")
     a = ap.parse_args(argv)
