@@ -800,6 +800,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
 
 
 def _input_kind(glu: bool, norm: bool, partials) -> str:
+    """What a launch's kernel reads as x (W_PREFETCH_KINDS names these)."""
     return "glu" if glu else "norm" if norm else "partials" if partials[0] else "plain"
 
 
@@ -810,8 +811,11 @@ def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool) -> dict:
     channels, 4 programs per SM) lost 10-13% with it at 50% (fused QKV, q|o; item 26)."""
     K, N = wt.shape
     row_bytes = cfg.block_n * wt.element_size()
-    ok = (W_PREFETCH and accum and kind in W_PREFETCH_KINDS and wt.is_cuda and _capability(wt.device) >= 9 and N % cfg.block_n == 0
-          and row_bytes % 16 == 0 and (wt.stride(0) * wt.element_size()) % 16 == 0 and wt.data_ptr() % 16 == 0)
+    applies = W_PREFETCH and accum and kind in W_PREFETCH_KINDS
+    hopper = wt.is_cuda and _capability(wt.device) >= 9
+    aligned = (N % cfg.block_n == 0 and row_bytes % 16 == 0 and wt.data_ptr() % 16 == 0
+               and (wt.stride(0) * wt.element_size()) % 16 == 0)
+    ok = applies and hopper and aligned
     rows = W_PREFETCH_ROWS if ok else 0
     return dict(ROW_BYTES=row_bytes, PF_ROWS=rows,
                 PF_LANES=max(32 * cfg.warps, triton.next_power_of_2(max(rows, 1))))
