@@ -79,7 +79,8 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
-                    help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch][:pfN][:pf=kind+kind] (see run_variant)")
+                    help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch][:pfN]"
+                         "[:pf=kind+kind] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)

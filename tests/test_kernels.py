@@ -614,15 +614,21 @@ def test_stamps_table_checked():
                 stamps=torch.zeros(6, 12, dtype=torch.int64, device=DEV))
 
 
-def test_timeline_summary_closed_form():
-    """kernels/gemv_timeline.py's summary of a stamp table (globaltimer ns and clock64 at five
-    points per program, the SM in slot 10), on a table built by hand."""
+def _lab_module(name: str):
+    """kernels/<name>.py (the GPU lab's scripts are not a package), imported from its file."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("gemv_timeline", Path(__file__).parents[1] / "kernels/gemv_timeline.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "kernels" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_timeline_summary_closed_form():
+    """kernels/gemv_timeline.py's summary of a stamp table (globaltimer ns and clock64 at five
+    points per program, the SM in slot 10), on a table built by hand."""
+    mod = _lab_module("gemv_timeline")
     # Two programs on SM 5, one on SM 7: entry, waited, listed, streamed, ended (ns, from 10 us).
     ns = torch.tensor([[0, 1000, 2000, 9000, 9500], [0, 1000, 3000, 10000, 10500], [500, 2000, 3000, 20000, 21000]])
     stamps = torch.zeros(3, 12, dtype=torch.int64)
@@ -689,3 +695,62 @@ def test_into_prefetch_switch_same_sums(monkeypatch, mode):
     ref = torch.zeros(N, device=DEV)
     sparse_gemv_into_reference(ref, x, wt, thr, None, **kw)
     assert rel_err(outs[0], ref) < TOL[dtype]
+
+
+@needs_kernel
+def test_stamp_hook_asked_once_per_compacting_launch(monkeypatch):
+    """gemv.STAMP_HOOK (kernels/decode_timeline.py) is asked for a table by each compacting
+    launch, with its program count and input kind; a hook that answers None changes nothing."""
+    from teal_nb.kernels import gemv
+
+    K, N, dtype = 70, 100, torch.bfloat16
+    w, _, _ = make(N, K, dtype, 0.0, seed=5)
+    wt = prepare_weight(w)
+    x, kw = _into_case("glu", dtype, K, N, seed=6)
+    thr = torch.tensor([0.3], device=DEV)
+    asked = []
+    monkeypatch.setattr(gemv, "STAMP_HOOK", lambda programs, info: asked.append((programs, info)))
+    outs = []
+    for cfg in (CFGS[2], CFGS[7], CFGS[0]):  # compacting; compacting, 3 programs per slice; masked
+        out = torch.zeros(N, device=DEV)
+        _launch(x, wt, thr, (N,), None, cfg, out=out, **kw)
+        outs.append(out)
+    grid = lambda c, share: -(-N // c[0]) * -(-K // c[5]) * share  # noqa: E731
+    assert asked == [(grid(CFGS[2], 1), dict(N=N, K=K, kind="glu")), (grid(CFGS[7], 3), dict(N=N, K=K, kind="glu"))]
+    ref = torch.zeros(N, device=DEV)
+    sparse_gemv_into_reference(ref, x, wt, thr, None, **kw)
+    assert all(rel_err(o, ref) < TOL[dtype] for o in outs)
+
+
+def test_decode_timeline_tables_and_summaries():
+    """kernels/decode_timeline.py: the stamp tables are consecutive rows of one table (too few
+    rows: a clear error); a launch's summary and the per-projection medians over layers, against
+    hand-made timers (ns)."""
+    mod = _lab_module("decode_timeline")
+    tables = mod.StampTables(10, "cpu")
+    assert tables(4, {"kind": "norm"}).shape == (4, 12) and tables(6, {"kind": "partials"}).data_ptr() == \
+        tables.table[4:].data_ptr()
+    with pytest.raises(RuntimeError, match="larger --capacity"):
+        tables(1, {})
+
+    def launch(entry, waited, listed, streamed, ended):  # two programs; the second 1 us later at each point
+        st = torch.zeros(2, 12, dtype=torch.int64)
+        for j, t in enumerate((entry, waited, listed, streamed, ended)):
+            st[:, 2 * j] = torch.tensor([t * 1000, t * 1000 + 1000])
+        return st
+
+    s = mod.summarize_launch(launch(0, 2, 3, 10, 11), t0=2000)
+    assert s == dict(entry_med=-1.5, waited_first=0.0, waited_last=1.0, listed_med=1.5, streamed_med=8.5,
+                     ended_med=9.5, ended_last=10.0)
+    # Two layers of four launches, each launch entering 3 us before the last one ends and waiting 1 us past it.
+    launches, t = [], 0
+    for i in range(8):
+        launches.append(mod.summarize_launch(launch(t - 3, t + 1, t + 2, t + 2 + i % 4 + 1, t + 4 + i % 4), t0=0))
+        t = launches[-1]["ended_last"]
+    bp = mod.by_projection(launches)
+    for i, p in enumerate(mod.PROJECTIONS):
+        assert bp[p]["chain"] == 1.5 and bp[p]["stream"] == i + 1 and bp[p]["tail"] == 0.5
+        assert bp[p]["gap"] == 1.0 and bp[p]["entry_early"] == 2.5  # the first launch has none: from the second layer
+    assert bp["layer"] == (launches[-1]["ended_last"] - launches[0]["waited_first"]) / 2
+    with pytest.raises(ValueError, match="whole number of layers"):
+        mod.by_projection(launches[:5])

@@ -90,6 +90,9 @@ NORM_PRELOAD = True
 W_PREFETCH = True
 W_PREFETCH_ROWS = 16  # 2 tiles of 8 rows; k|v's 2 tiles of 32 rows (half its rows) lost
 W_PREFETCH_KINDS = {"plain", "glu", "partials"}  # sparse_gemv_into's inputs it applies to
+# kernels/decode_timeline.py: called by every compacting launch without a stamp table as
+# STAMP_HOOK(programs, {"N", "K", "kind"}) -> an int64 [programs, 12] table for it, or None.
+STAMP_HOOK = None
 
 
 def _splits(splits: Optional[Sequence[int]], n: int) -> tuple[int, ...]:
@@ -770,6 +773,8 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     clr = dict(HAS_CLEAR=clr_n > 0,
                CLR_BLOCK=max(16, triton.next_power_of_2(triton.cdiv(max(clr_n, 1), grid_n * split_k))))
     clr_arg = clear if clr_n else y
+    if stamps is None and STAMP_HOOK is not None and cfg.slice:
+        stamps = STAMP_HOOK(grid_n * split_k, dict(N=N, K=K, kind=_input_kind(glu, norm, partials)))
     if stamps is not None and (not cfg.slice or stamps.dtype != torch.int64 or stamps.numel() < grid_n * split_k * 12):
         raise ValueError(f"stamps: the compacting kernel (slice > 0) writes 12 int64 per program, "
                          f"{grid_n} x {split_k} programs here: pass an int64 tensor of at least "

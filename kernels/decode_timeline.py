@@ -1,0 +1,195 @@
+"""Every sparse GEMV launch of one compiled decode step, seen from inside, on one GPU.
+
+    PYTHONPATH=. python kernels/decode_timeline.py --out $OUT/decode_timeline.json
+
+`gemv_timeline.py` stamps one launch in a graph of launches of one shape; this stamps all 128
+launches of a Llama-3-8B decode step (random weights, the fused step, as `decode_profile.py`
+runs it) in one CUDA graph, so that the launches are seen next to their real neighbours: the
+attention kernel between qkv and o, the norm-fused qkv after down. Each program writes the
+GPU's global timer at entry, after its PDL wait, with its kept list stored, with its last W row
+summed and after its epilogue (gemv._stamp, handed a table per launch through gemv.STAMP_HOOK).
+
+Per launch (`summarize_launch`): the programs' median entry, the first and last end of their
+wait, the median time the list was stored and the last W row summed, the median and last end.
+Per projection, averaged over the layers (`by_projection`): how early its programs enter
+before the launch before ends, the gap from that end to its first program's wait ending, the
+chain to the kept list, the streaming, the tail. Variants (`--variants`) set gemv's switches as
+decode_profile.py's options do, e.g. `triton50:pf=plain+glu+partials+norm` (the prefetch in
+the NORM launches too, which lost 2% of the step: kernels/README.md item 26).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the order of a layer's launches
+
+
+class StampTables:
+    """gemv.STAMP_HOOK: hands each compacting launch the next rows of one preallocated int64
+    table (nothing is allocated while a CUDA graph is captured) and remembers what it was for."""
+
+    def __init__(self, capacity: int, device):
+        self.table = torch.zeros(capacity, 12, dtype=torch.int64, device=device)
+        self.launches = []  # (first row, programs, info)
+
+    def __call__(self, programs: int, info: dict):
+        start = sum(p for _, p, _ in self.launches)
+        if start + programs > self.table.shape[0]:
+            raise RuntimeError(f"stamp tables: launch {len(self.launches)} needs rows {start}-{start + programs}, "
+                               f"the table has {self.table.shape[0]}: pass a larger --capacity")
+        self.launches.append((start, programs, info))
+        return self.table[start:start + programs]
+
+    def reset(self):
+        self.launches = []
+
+
+def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
+    """One launch's [programs, 12] table (globaltimer ns at slots 0, 2, 4, 6, 8: entry, waited,
+    listed, streamed, ended) in us from t0 (ns)."""
+    ns = (stamps[:, 0:10:2].double() - t0) / 1e3
+    med = ns.quantile(0.5, dim=0)  # (interpolated, as gemv_timeline.summarize)
+    return dict(entry_med=float(med[0]), waited_first=float(ns[:, 1].min()), waited_last=float(ns[:, 1].max()),
+                listed_med=float(med[2]), streamed_med=float(med[3]), ended_med=float(med[4]),
+                ended_last=float(ns[:, 4].max()))
+
+
+def by_projection(launches: list[dict]) -> dict:
+    """Per projection (launches in PROJECTIONS order, layer after layer), medians over the
+    layers: entry_early (the launch before's last end minus this one's median entry), gap (this
+    one's first wait end minus the launch before's last end; before o the attention kernel runs
+    in it), chain (first wait end to median list stored), stream (list stored to last row
+    summed, medians), tail (last end minus median end), span (first wait end to last end)."""
+    if len(launches) % len(PROJECTIONS):
+        raise ValueError(f"{len(launches)} launches is not a whole number of layers of {len(PROJECTIONS)}")
+    rows = {p: [] for p in PROJECTIONS}
+    for i, cur in enumerate(launches):
+        prev_end = launches[i - 1]["ended_last"] if i else None
+        rows[PROJECTIONS[i % len(PROJECTIONS)]].append(dict(
+            entry_early=None if prev_end is None else prev_end - cur["entry_med"],
+            gap=None if prev_end is None else cur["waited_first"] - prev_end,
+            chain=cur["listed_med"] - cur["waited_first"],
+            stream=cur["streamed_med"] - cur["listed_med"],
+            tail=cur["ended_last"] - cur["ended_med"],
+            span=cur["ended_last"] - cur["waited_first"]))
+    out = {}
+    for p, rs in rows.items():
+        out[p] = {k: statistics.median([r[k] for r in rs if r[k] is not None]) for k in rs[-1]}
+    out["layer"] = (launches[-1]["ended_last"] - launches[0]["waited_first"]) / (len(launches) // len(PROJECTIONS))
+    return out
+
+
+def main():
+    import torch._inductor.config as ic
+
+    from teal_nb.decode import Decoder
+    from teal_nb.decode_calibrate import calibrate_decode
+    from teal_nb.kernels import gemv
+    from teal_nb.kernels.bench import provenance
+    from teal_nb.results import write_json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--variants", default="triton50,triton0,triton50:pf=plain+glu+partials+norm",
+                    help="comma list of tritonNN[:noprefetch][:pf=kind+kind]")
+    ap.add_argument("--new-tokens", type=int, default=200, help="the calibration's decode steps")
+    ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--capacity", type=int, default=1 << 16, help="stamp table rows (programs per step)")
+    ap.add_argument("--out", default="decode_timeline.json")
+    a = ap.parse_args()
+    ic.fx_graph_cache = True
+    torch._dynamo.config.cache_size_limit = 64
+
+    res = {"provenance": provenance(" ".join(sys.argv)), "projections": PROJECTIONS, "variants": {}}
+    dec = Decoder.random(a.preset, a.dtype, "cuda", max_seq_len=256)
+    dec.prepare_triton()
+    prompt = torch.randint(0, dec.cfg.vocab, (1, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    dec.set_sparsity(None, backend="dense")
+    dec.attention = "torch"
+    forced, _ = dec.generate(prompt, a.new_tokens)  # eager: the sequence every variant decodes
+    pos = torch.tensor([100], device="cuda")
+    tok = forced[:, 100:101].clone()
+    tables = StampTables(a.capacity, "cuda")
+    thr = {}
+    kinds = set(gemv.W_PREFETCH_KINDS)
+
+    def run(key):
+        """One variant: set gemv's switches, compile the step, capture it with every launch
+        stamped, replay it, keep the replay with the median layer time."""
+        t_start = time.perf_counter()
+        backend, *opt = key.split(":")
+        s = int(backend[len("triton"):]) / 100
+        gemv.W_PREFETCH = "noprefetch" not in opt
+        gemv.W_PREFETCH_KINDS = next((set(o[3:].split("+")) for o in opt if o.startswith("pf=")), kinds)
+        if s > 0 and s not in thr:
+            thr[s] = calibrate_decode(dec, prompt, a.new_tokens, s, iters=0, forced=forced)
+        dec.attention = "fused"
+        dec.set_sparsity(thr[s] if s > 0 else None, backend="triton")
+        torch._dynamo.reset()
+        step = torch.compile(dec._step, fullgraph=True)  # inductor's kernels, no CUDA graphs of its own
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(side):
+                for i in range(3):  # compile (the last time the stamping kernels too), fill the scratch
+                    gemv.STAMP_HOOK = tables if i == 2 else None
+                    tables.reset()
+                    step(tok, pos)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            tables.reset()
+            with torch.cuda.graph(g):
+                step(tok, pos)
+        finally:
+            gemv.STAMP_HOOK = None
+        replays = []
+        for _ in range(a.replays):
+            tables.table.zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            st = tables.table.cpu()
+            launches = [st[i:i + n] for i, n, _ in tables.launches]
+            t0 = int(launches[0][:, 2].min())
+            summary = [summarize_launch(x, t0) for x in launches]
+            replays.append(dict(launches=summary, by_projection=by_projection(summary)))
+        del g
+        replays.sort(key=lambda r: r["by_projection"]["layer"])
+        rec = replays[len(replays) // 2]  # the replay with the median layer time
+        rec.update(sparsity=s, kinds=[info["kind"] for _, _, info in tables.launches],
+                   programs=[n for _, n, _ in tables.launches],
+                   layer_us_replays=[r["by_projection"]["layer"] for r in replays],
+                   wall_s=time.perf_counter() - t_start)
+        res["variants"][key] = rec
+        write_json(a.out, res)
+        print(f"{key}: {len(tables.launches)} launches, {rec['by_projection']['layer']:.2f} us per layer "
+              f"[{rec['wall_s']:.0f} s]", flush=True)
+
+    for key in a.variants.split(","):
+        try:
+            run(key)
+        except Exception as e:  # one variant's failure loses neither the others nor what is written
+            import traceback
+
+            traceback.print_exc(limit=5)
+            res.setdefault("errors", []).append(f"{key}: {type(e).__name__}: {e}")
+            write_json(a.out, res)
+
+    print("\nper projection, median over layers, us: entry_early / gap / chain / stream / tail / span")
+    for key, rec in res["variants"].items():
+        bp = rec["by_projection"]
+        print(f"{key}: {bp['layer']:.2f} us per layer")
+        for p in PROJECTIONS:
+            print(f"  {p:8s} " + " ".join(f"{k} {v:6.2f}" for k, v in bp[p].items()))
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
