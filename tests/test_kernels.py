@@ -643,6 +643,13 @@ def test_timeline_summary_closed_form():
     assert r["ended_us"] == [9.5, 20.0] and r["tail_us"] == 10.5
 
 
+def _switch_case(mode, dtype, K, N):
+    """(wt, x, kwargs, thresholds) for the tests of a launch-time switch of sparse_gemv_into."""
+    w, _, _ = make(N, K, dtype, 0.0, seed=5)
+    x, kw = _into_case(mode, dtype, K, N, seed=6)
+    return prepare_weight(w), x, kw, torch.tensor([0.3], device=DEV)
+
+
 @needs_kernel
 def test_into_norm_preload_switch_same_sums(monkeypatch):
     """gemv.NORM_PRELOAD (the slice's residual and norm weight requested before the norm's sum)
@@ -650,10 +657,7 @@ def test_into_norm_preload_switch_same_sums(monkeypatch):
     from teal_nb.kernels import gemv
 
     K, N, dtype = 70, 100, torch.bfloat16
-    w, _, _ = make(N, K, dtype, 0.0, seed=5)
-    wt = prepare_weight(w)
-    x, kw = _into_case("norm", dtype, K, N, seed=6)
-    thr = torch.tensor([0.3], device=DEV)
+    wt, x, kw, thr = _switch_case("norm", dtype, K, N)
     outs = []
     for on in (True, False):
         monkeypatch.setattr(gemv, "NORM_PRELOAD", on)
@@ -676,10 +680,7 @@ def test_into_prefetch_switch_same_sums(monkeypatch, mode):
     from teal_nb.kernels import gemv
 
     K, N, dtype = 200, 128, torch.bfloat16
-    w, _, _ = make(N, K, dtype, 0.0, seed=5)
-    wt = prepare_weight(w)
-    x, kw = _into_case(mode, dtype, K, N, seed=6)
-    thr = torch.tensor([0.3], device=DEV)
+    wt, x, kw, thr = _switch_case(mode, dtype, K, N)
     cfg = gemv.Config(*CFGS[2])
     kind = gemv._input_kind(mode == "glu", mode == "norm", (0, 1))
     rows = gemv._prefetch(wt, cfg, kind, accum=True)["PF_ROWS"]
@@ -704,10 +705,7 @@ def test_stamp_hook_asked_once_per_compacting_launch(monkeypatch):
     from teal_nb.kernels import gemv
 
     K, N, dtype = 70, 100, torch.bfloat16
-    w, _, _ = make(N, K, dtype, 0.0, seed=5)
-    wt = prepare_weight(w)
-    x, kw = _into_case("glu", dtype, K, N, seed=6)
-    thr = torch.tensor([0.3], device=DEV)
+    wt, x, kw, thr = _switch_case("glu", dtype, K, N)
     asked = []
     monkeypatch.setattr(gemv, "STAMP_HOOK", lambda programs, info: asked.append((programs, info)))
     outs = []
