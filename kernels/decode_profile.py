@@ -74,6 +74,28 @@ def profile_kernels(fn, steps: int) -> dict:
             "kernel_us_per_step": sum(per.values()), "top_kernels_us_per_step": {k: v / steps for k, v in top}}
 
 
+GEMV_SWITCHES = ("NORM_PRELOAD", "W_PREFETCH", "W_PREFETCH_ROWS", "W_PREFETCH_KINDS")
+
+
+def set_gemv_switches(gemv, opt, defaults):
+    """Set the sparse GEMV's launch-time switches (GEMV_SWITCHES) for a variant's options: each
+    from `defaults` (the module's own values, read before any variant changed them) unless an
+    option says otherwise: "nopreload" (NORM_PRELOAD off), "noprefetch" (W_PREFETCH off), "pfN"
+    (W_PREFETCH_ROWS = N), "pf=norm+glu" (W_PREFETCH_KINDS = {"norm", "glu"}). Also used by
+    decode_timeline.py."""
+    for name in GEMV_SWITCHES:
+        setattr(gemv, name, defaults[name])
+    if "nopreload" in opt:
+        gemv.NORM_PRELOAD = False
+    if "noprefetch" in opt:
+        gemv.W_PREFETCH = False
+    for o in opt:
+        if o.startswith("pf") and o[2:].isdigit():
+            gemv.W_PREFETCH_ROWS = int(o[2:])
+        elif o.startswith("pf="):
+            gemv.W_PREFETCH_KINDS = set(o[3:].split("+"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
@@ -103,6 +125,7 @@ def main():
     from teal_nb.kernels.bench import copy_rate_gbps, graph_us, provenance
     from teal_nb.results import write_json
 
+    gemv_defaults = {name: getattr(gemv, name) for name in GEMV_SWITCHES}  # before any variant sets them
     res = {"provenance": provenance(" ".join(sys.argv)), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "variants": {}, "floors": {}}
 
@@ -167,14 +190,9 @@ def main():
     def run_variant(key, mode="reduce-overhead"):
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
         # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
-        # "nopreload": the sparse GEMV without gemv.NORM_PRELOAD; "noprefetch": without
-        # gemv.W_PREFETCH; "pfN": gemv.W_PREFETCH_ROWS = N; "pf=norm+glu": gemv.W_PREFETCH_KINDS.
+        # the sparse GEMV's switches: set_gemv_switches.
         backend, attn, *opt = key.split(":")
-        gemv.NORM_PRELOAD = "nopreload" not in opt
-        gemv.W_PREFETCH = "noprefetch" not in opt
-        gemv.W_PREFETCH_ROWS = next((int(o[2:]) for o in opt if o[2:].isdigit() and o.startswith("pf")), 16)
-        gemv.W_PREFETCH_KINDS = next((set(o[3:].split("+")) for o in opt if o.startswith("pf=")),
-                                     {"plain", "glu", "partials"})
+        set_gemv_switches(gemv, opt, gemv_defaults)
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt

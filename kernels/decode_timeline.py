@@ -88,6 +88,8 @@ def by_projection(launches: list[dict]) -> dict:
 def main():
     import torch._inductor.config as ic
 
+    from decode_profile import GEMV_SWITCHES, set_gemv_switches  # this folder: the same variant options
+
     from teal_nb.decode import Decoder
     from teal_nb.decode_calibrate import calibrate_decode
     from teal_nb.kernels import gemv
@@ -98,7 +100,7 @@ def main():
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="triton50,triton0,triton50:pf=plain+glu+partials+norm",
-                    help="comma list of tritonNN[:noprefetch][:pf=kind+kind]")
+                    help="comma list of tritonNN[:option...], the sparse GEMV's options of decode_profile.py")
     ap.add_argument("--new-tokens", type=int, default=200, help="the calibration's decode steps")
     ap.add_argument("--replays", type=int, default=5)
     ap.add_argument("--capacity", type=int, default=1 << 16, help="stamp table rows (programs per step)")
@@ -118,7 +120,7 @@ def main():
     tok = forced[:, 100:101].clone()
     tables = StampTables(a.capacity, "cuda")
     thr = {}
-    kinds = set(gemv.W_PREFETCH_KINDS)
+    gemv_defaults = {name: getattr(gemv, name) for name in GEMV_SWITCHES}  # before any variant sets them
 
     def run(key):
         """One variant: set gemv's switches, compile the step, capture it with every launch
@@ -126,8 +128,7 @@ def main():
         t_start = time.perf_counter()
         backend, *opt = key.split(":")
         s = int(backend[len("triton"):]) / 100
-        gemv.W_PREFETCH = "noprefetch" not in opt
-        gemv.W_PREFETCH_KINDS = next((set(o[3:].split("+")) for o in opt if o.startswith("pf=")), kinds)
+        set_gemv_switches(gemv, opt, gemv_defaults)
         if s > 0 and s not in thr:
             thr[s] = calibrate_decode(dec, prompt, a.new_tokens, s, iters=0, forced=forced)
         dec.attention = "fused"

@@ -752,3 +752,18 @@ def test_decode_timeline_tables_and_summaries():
     assert bp["layer"] == (launches[-1]["ended_last"] - launches[0]["waited_first"]) / 2
     with pytest.raises(ValueError, match="whole number of layers"):
         mod.by_projection(launches[:5])
+
+
+def test_decode_variant_switches():
+    """kernels/decode_profile.py's set_gemv_switches (decode_timeline.py's too): each switch from
+    the defaults it is given unless the variant's options say otherwise, so that one variant's
+    options do not leak into the next."""
+    from types import SimpleNamespace
+
+    mod = _lab_module("decode_profile")
+    defaults = dict(NORM_PRELOAD=True, W_PREFETCH=True, W_PREFETCH_ROWS=16, W_PREFETCH_KINDS={"glu"})
+    g = SimpleNamespace()
+    mod.set_gemv_switches(g, ["fused", "nopreload", "noprefetch", "pf8", "pf=norm+plain"], defaults)
+    assert vars(g) == dict(NORM_PRELOAD=False, W_PREFETCH=False, W_PREFETCH_ROWS=8, W_PREFETCH_KINDS={"norm", "plain"})
+    mod.set_gemv_switches(g, ["fused"], defaults)
+    assert vars(g) == defaults

@@ -773,8 +773,9 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     clr = dict(HAS_CLEAR=clr_n > 0,
                CLR_BLOCK=max(16, triton.next_power_of_2(triton.cdiv(max(clr_n, 1), grid_n * split_k))))
     clr_arg = clear if clr_n else y
+    kind = _input_kind(glu, norm, partials)
     if stamps is None and STAMP_HOOK is not None and cfg.slice:
-        stamps = STAMP_HOOK(grid_n * split_k, dict(N=N, K=K, kind=_input_kind(glu, norm, partials)))
+        stamps = STAMP_HOOK(grid_n * split_k, dict(N=N, K=K, kind=kind))
     if stamps is not None and (not cfg.slice or stamps.dtype != torch.int64 or stamps.numel() < grid_n * split_k * 12):
         raise ValueError(f"stamps: the compacting kernel (slice > 0) writes 12 int64 per program, "
                          f"{grid_n} x {split_k} programs here: pass an int64 tensor of at least "
@@ -795,7 +796,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
             DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
             stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, PRELOAD=NORM_PRELOAD,
-            **_prefetch(wt, cfg, _input_kind(glu, norm, partials), accum), **clr, **common)
+            **_prefetch(wt, cfg, kind, accum), **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
