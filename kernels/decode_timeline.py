@@ -127,6 +127,9 @@ def main():
         stamped, replay it, keep the replay with the median layer time."""
         t_start = time.perf_counter()
         backend, *opt = key.split(":")
+        if not (backend.startswith("triton") and backend[len("triton"):].isdigit()):
+            raise ValueError(f"variant {key!r}: begin it with tritonNN, NN the sparsity in percent (triton0: "
+                             "every channel kept, the dense step through the kernels)")
         s = int(backend[len("triton"):]) / 100
         set_gemv_switches(gemv, opt, gemv_defaults)
         if s > 0 and s not in thr:
