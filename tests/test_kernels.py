@@ -675,7 +675,7 @@ def test_into_norm_preload_switch_same_sums(monkeypatch):
 @pytest.mark.parametrize("mode", ["plain", "glu", "norm"])
 def test_into_prefetch_switch_same_sums(monkeypatch, mode):
     """gemv.W_PREFETCH (the first rows of W^T asked of L2 before the PDL wait) moves bytes into
-    L2, never values: the same output with it on and off, and only where it applies (accumulating
+    L2, never values: the same output with it on and off (to the atomic adds' rounding), and only where it applies (accumulating
     launches, not NORM's, whole 16-byte rows)."""
     from teal_nb.kernels import gemv
 
@@ -692,7 +692,9 @@ def test_into_prefetch_switch_same_sums(monkeypatch, mode):
         out = torch.zeros(N, device=DEV)
         _launch(x, wt, thr, (N,), None, cfg, out=out, **kw)
         outs.append(out)
-    assert torch.equal(outs[0], outs[1])
+    # K = 200 is several slices whose fp32 partial sums are atomically added in whatever order the
+    # programs finish, so two launches agree to fp32 rounding, not bit for bit (the H200 showed it).
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     ref = torch.zeros(N, device=DEV)
     sparse_gemv_into_reference(ref, x, wt, thr, None, **kw)
     assert rel_err(outs[0], ref) < TOL[dtype]
