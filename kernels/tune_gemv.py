@@ -111,7 +111,7 @@ SWEEP13 = {
 # QKV's 43 slices holds 1.21x the mean at 50%, and a launch with every slice's count equal was
 # 0.3-0.8 us faster per shape, item 14); a slice SHARE times as long, split by its count, varies
 # ~sqrt(SHARE) times less, at the cost of a longer prefix sum per program. Each shape's
-# tuning.ACCUM (and ACCUM_BF16) config, then the same grid size with SHARE = 2, 3 or 4.
+# tuning.ACCUM config (and bf16 k|v's of then), then the same grid size with SHARE = 2, 3 or 4.
 # Fields: BLOCK_N, BLOCK_K, warps, slice, depth, maxnreg, sum_rows, share.
 SWEEP14 = {
     "qkv_fused": [(1024, 8, 4, 96, 1, 0, 0, 1), (1024, 8, 4, 192, 1, 0, 0, 2), (1024, 8, 4, 288, 1, 0, 0, 3),

@@ -37,7 +37,6 @@ def run(args):
         tuning.TABLE.update({(b["N"], b["K"]): tuple(b["cfg"]) for b in best if b.get("dtype", "bf16") == "bf16"})
         tuning.FP16.update({(b["N"], b["K"]): tuple(b["cfg"]) for b in best if b.get("dtype") == "fp16"})
         tuning.ACCUM.clear()  # the sweep's choice for both kernels
-        tuning.ACCUM_BF16.clear()
     shapes = args.shapes or list(bench.SHAPES)
     unknown = [s for s in shapes if s not in bench.SHAPES]
     if unknown:
@@ -50,7 +49,6 @@ def run(args):
                        for n, k, _ in (bench.SHAPES[s] for s in shapes)}
     prov["configs_fp16"] = {f"{n}x{k}": list(c) for (n, k), c in tuning.FP16.items()}
     prov["configs_accum"] = {f"{n}x{k}": list(c) for (n, k), c in tuning.ACCUM.items()}
-    prov["configs_accum_bf16"] = {f"{n}x{k}": list(c) for (n, k), c in tuning.ACCUM_BF16.items()}
     result = dict(provenance=prov, records=records, layer=bench.layer_summary(records))
     if args.chain and not args.shapes:
         dts = tuple(d for d in args.dtypes if d != "fp32")

@@ -6,9 +6,9 @@ compacting one, each program owning SLICE input channels. Four tables, all measu
 NVIDIA H200 with `kernels/tune_gemv.py` (for each shape the config with the lowest weighted sum
 over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5) of time / best time): TABLE for
 `sparse_gemv` in bf16 (sweep 9, kernels/results/h200/gemv_tune.json), FP16 for it in fp16
-(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweeps 10, 13 and 14:
-gemv_tune_v10_accum.json, gemv_tune_v13_bf16_accum.json, gemv_tune_v14_share.json) but where
-ACCUM_BF16 overrides it in bf16 (sweep 14).
+(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweeps 10, 13, 14 and 16:
+gemv_tune_v10_accum.json, gemv_tune_v13_bf16_accum.json, gemv_tune_v14_share.json,
+gemv_tune_v16.json).
 The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
 kernels/results/h200/gemv.json was measured with exactly these tables. Shapes not in them get
 `default_config`, a size rule read off the same sweeps.
@@ -70,30 +70,26 @@ FP16: dict[tuple[int, int], tuple[int, ...]] = {
 # sweep 14), and fused QKV's 43 slices became 22 of 192 channels, each split evenly by its kept
 # count between 2 programs (the last field, share: 9.75 -> 9.59 us bf16 and 9.66 -> 9.46 fp16 at
 # 50%, gemv_tune_v14_share.json).
+# Since item 26's W prefetch (kernels/README.md, item 28): k|v in bf16 runs fp16's config (sweep 14
+# had given bf16 2 programs per 256-channel slice; with the prefetch it lost at every sparsity,
+# 5.59 -> 4.99 us at 25%, kv_accum_bf16_*.json), and gate|up takes 1024-column tiles with 2
+# programs per 456-channel slice (sweep 16: 18.29 -> 18.00 us bf16, 18.31 -> 17.83 fp16 at 50%).
 ACCUM: dict[tuple[int, int], tuple[int, ...]] = {
     (6144, 4096): (1024, 8, 4, 0, 0, 192, 1, 1, 0, 0, 0, 0, 2),  # qkv_fused
     (4096, 4096): (512, 8, 2, 0, 0, 64, 1, 1, 0, 0, 0, 0),  # q|o
     (1024, 4096): (128, 32, 4, 0, 0, 128, 1, 1, 0, 0, 0, 0),  # k|v
     (28672, 4096): (1024, 8, 4, 0, 0, 296, 2, 1, 0, 0, 0, 1),  # gate_up_fused
-    (14336, 4096): (512, 16, 4, 0, 0, 456, 1, 1, 0, 0, 0, 0),  # gate|up
+    (14336, 4096): (1024, 8, 4, 0, 0, 456, 1, 1, 0, 0, 0, 0, 2),  # gate|up
     (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1, 0, 0, 0, 0),  # down
 }
 
 
-# bf16 where sweep 14 found better than ACCUM: k|v with 2 programs per 256-channel slice (4.95 ->
-# 4.79 us at 50%; in fp16 it lost, 4.65 -> 4.75).
-ACCUM_BF16: dict[tuple[int, int], tuple[int, ...]] = {
-    (1024, 4096): (128, 32, 4, 0, 0, 256, 1, 1, 0, 0, 0, 0, 2),  # k|v
-}
-
 
 def config_for(N: int, K: int, dtype=None, accum: bool = False) -> tuple[int, ...]:
     """The launch config for an [N, K] projection; `dtype` (a torch dtype or its name) picks the
-    fp16 (or, accumulating, bf16) entries where they differ, `accum` the accumulating kernel's
-    (sparse_gemv_into)."""
+    fp16 entries of `sparse_gemv` where they differ, `accum` the accumulating kernel's
+    (sparse_gemv_into, one table for both dtypes)."""
     name = None if dtype is None else str(dtype).removeprefix("torch.")
-    if accum and name == "bfloat16" and (N, K) in ACCUM_BF16:
-        return ACCUM_BF16[(N, K)]
     if accum and (N, K) in ACCUM:
         return ACCUM[(N, K)]
     if name == "float16" and (N, K) in FP16:
