@@ -74,14 +74,15 @@ def profile_kernels(fn, steps: int) -> dict:
             "kernel_us_per_step": sum(per.values()), "top_kernels_us_per_step": {k: v / steps for k, v in top}}
 
 
-GEMV_SWITCHES = ("NORM_PRELOAD", "W_PREFETCH", "W_PREFETCH_ROWS", "W_PREFETCH_KINDS")
+GEMV_SWITCHES = ("NORM_PRELOAD", "W_PREFETCH", "W_PREFETCH_ROWS", "W_PREFETCH_KINDS", "W_PREFETCH_MAX_BYTES")
 
 
 def set_gemv_switches(gemv, opt, defaults):
     """Set the sparse GEMV's launch-time switches (GEMV_SWITCHES) for a variant's options: each
     from `defaults` (the module's own values, read before any variant changed them) unless an
     option says otherwise: "nopreload" (NORM_PRELOAD off), "noprefetch" (W_PREFETCH off), "pfN"
-    (W_PREFETCH_ROWS = N), "pf=norm+glu" (W_PREFETCH_KINDS = {"norm", "glu"}). Also used by
+    (W_PREFETCH_ROWS = N), "pf=norm+glu" (W_PREFETCH_KINDS = {"norm", "glu"}), "pfmax=10"
+    (W_PREFETCH_MAX_BYTES = 10 MiB per launch). Also used by
     decode_timeline.py."""
     for name in GEMV_SWITCHES:
         setattr(gemv, name, defaults[name])
@@ -94,6 +95,8 @@ def set_gemv_switches(gemv, opt, defaults):
             gemv.W_PREFETCH_ROWS = int(o[2:])
         elif o.startswith("pf="):
             gemv.W_PREFETCH_KINDS = set(o[3:].split("+"))
+        elif o.startswith("pfmax="):
+            gemv.W_PREFETCH_MAX_BYTES = int(float(o[6:]) * (1 << 20))
 
 
 def main():
@@ -102,7 +105,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
                     help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch][:pfN]"
-                         "[:pf=kind+kind] (see run_variant)")
+                         "[:pf=kind+kind][:pfmax=MiB] (see set_gemv_switches)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
