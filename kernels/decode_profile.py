@@ -74,15 +74,14 @@ def profile_kernels(fn, steps: int) -> dict:
             "kernel_us_per_step": sum(per.values()), "top_kernels_us_per_step": {k: v / steps for k, v in top}}
 
 
-GEMV_SWITCHES = ("NORM_PRELOAD", "W_PREFETCH", "W_PREFETCH_ROWS", "W_PREFETCH_KINDS", "W_PREFETCH_MAX_BYTES")
+GEMV_SWITCHES = ("NORM_PRELOAD", "W_PREFETCH", "W_PREFETCH_ROWS", "W_PREFETCH_KINDS")
 
 
 def set_gemv_switches(gemv, opt, defaults):
     """Set the sparse GEMV's launch-time switches (GEMV_SWITCHES) for a variant's options: each
     from `defaults` (the module's own values, read before any variant changed them) unless an
     option says otherwise: "nopreload" (NORM_PRELOAD off), "noprefetch" (W_PREFETCH off), "pfN"
-    (W_PREFETCH_ROWS = N), "pf=norm+glu" (W_PREFETCH_KINDS = {"norm", "glu"}), "pfmax=10"
-    (W_PREFETCH_MAX_BYTES = 10 MiB per launch). Also used by
+    (W_PREFETCH_ROWS = N), "pf=norm+glu" (W_PREFETCH_KINDS = {"norm", "glu"}). Also used by
     decode_timeline.py."""
     for name in GEMV_SWITCHES:
         setattr(gemv, name, defaults[name])
@@ -95,8 +94,6 @@ def set_gemv_switches(gemv, opt, defaults):
             gemv.W_PREFETCH_ROWS = int(o[2:])
         elif o.startswith("pf="):
             gemv.W_PREFETCH_KINDS = set(o[3:].split("+"))
-        elif o.startswith("pfmax="):
-            gemv.W_PREFETCH_MAX_BYTES = int(float(o[6:]) * (1 << 20))
 
 
 def main():
@@ -105,7 +102,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
                     help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch][:pfN]"
-                         "[:pf=kind+kind][:pfmax=MiB] (see set_gemv_switches)")
+                         "[:pf=kind+kind][:attn=BLOCK_SxWARPS] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -193,9 +190,14 @@ def main():
     def run_variant(key, mode="reduce-overhead"):
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
         # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
-        # the sparse GEMV's switches: set_gemv_switches.
+        # "attn=32x4": the split attention kernel's BLOCK_S x warps (decode_attention_partials'
+        # default: 64 x 4); the sparse GEMV's switches: set_gemv_switches.
         backend, attn, *opt = key.split(":")
         set_gemv_switches(gemv, opt, gemv_defaults)
+        attn_cfg = [tuple(map(int, o[5:].split("x"))) + (1,) for o in opt if o.startswith("attn=")]
+        decode_attention.CONFIGS.pop((cfg.head_dim, dec.max_seq_len), None)
+        if attn_cfg:
+            decode_attention.CONFIGS[(cfg.head_dim, dec.max_seq_len)] = attn_cfg[0]
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt

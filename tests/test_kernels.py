@@ -685,24 +685,17 @@ def test_into_norm_preload_switch_same_sums(monkeypatch):
 def test_into_prefetch_switch_same_sums(monkeypatch, mode):
     """gemv.W_PREFETCH (the first rows of W^T asked of L2 before the PDL wait) moves bytes into
     L2, never values: the same output with it on and off (to the atomic adds' rounding), and only
-    where it applies (accumulating launches of W_PREFETCH_KINDS, whole 16-byte rows, within
-    W_PREFETCH_MAX_BYTES)."""
+    where it applies (accumulating launches of W_PREFETCH_KINDS, whole 16-byte rows)."""
     from teal_nb.kernels import gemv
 
     K, N, dtype = 200, 128, torch.bfloat16
     wt, x, kw, thr = _switch_case(mode, dtype, K, N)
     cfg = gemv.Config(*CFGS[2])
     kind = gemv._input_kind(mode == "glu", mode == "norm", (0, 1))
-    programs = -(-N // cfg.block_n) * -(-K // cfg.slice)
-    rows = gemv._prefetch(wt, cfg, kind, accum=True, programs=programs)["PF_ROWS"]
+    rows = gemv._prefetch(wt, cfg, kind, accum=True)["PF_ROWS"]
     assert rows == (0 if kind not in gemv.W_PREFETCH_KINDS or torch.cuda.get_device_capability()[0] < 9
                     else gemv.W_PREFETCH_ROWS)
-    assert gemv._prefetch(wt, cfg, kind, accum=False, programs=programs)["PF_ROWS"] == 0
-    asked = programs * gemv.W_PREFETCH_ROWS * cfg.block_n * wt.element_size()  # bytes, all programs
-    monkeypatch.setattr(gemv, "W_PREFETCH_MAX_BYTES", asked - 1)
-    assert gemv._prefetch(wt, cfg, kind, accum=True, programs=programs)["PF_ROWS"] == 0
-    monkeypatch.setattr(gemv, "W_PREFETCH_MAX_BYTES", asked)
-    assert gemv._prefetch(wt, cfg, kind, accum=True, programs=programs)["PF_ROWS"] == rows
+    assert gemv._prefetch(wt, cfg, kind, accum=False)["PF_ROWS"] == 0
     outs = []
     for on in (True, False):
         monkeypatch.setattr(gemv, "W_PREFETCH", on)
@@ -778,11 +771,9 @@ def test_decode_variant_switches():
     from types import SimpleNamespace
 
     mod = _lab_module("decode_profile")
-    defaults = dict(NORM_PRELOAD=True, W_PREFETCH=True, W_PREFETCH_ROWS=16, W_PREFETCH_KINDS={"glu"},
-                    W_PREFETCH_MAX_BYTES=1 << 40)
+    defaults = dict(NORM_PRELOAD=True, W_PREFETCH=True, W_PREFETCH_ROWS=16, W_PREFETCH_KINDS={"glu"})
     g = SimpleNamespace()
-    mod.set_gemv_switches(g, ["fused", "nopreload", "noprefetch", "pf8", "pf=norm+plain", "pfmax=10"], defaults)
-    assert vars(g) == dict(NORM_PRELOAD=False, W_PREFETCH=False, W_PREFETCH_ROWS=8, W_PREFETCH_KINDS={"norm", "plain"},
-                           W_PREFETCH_MAX_BYTES=10 << 20)
+    mod.set_gemv_switches(g, ["fused", "nopreload", "noprefetch", "pf8", "pf=norm+plain"], defaults)
+    assert vars(g) == dict(NORM_PRELOAD=False, W_PREFETCH=False, W_PREFETCH_ROWS=8, W_PREFETCH_KINDS={"norm", "plain"})
     mod.set_gemv_switches(g, ["fused"], defaults)
     assert vars(g) == defaults

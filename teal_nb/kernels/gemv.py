@@ -90,11 +90,6 @@ NORM_PRELOAD = True
 W_PREFETCH = True
 W_PREFETCH_ROWS = 16  # 2 tiles of 8 rows; k|v's 2 tiles of 32 rows (half its rows) lost
 W_PREFETCH_KINDS = {"plain", "glu", "partials"}  # sparse_gemv_into's inputs it applies to
-# Under test (kernels/README.md, item 29): a launch prefetches only if all its programs together
-# ask for at most this many bytes. In the decode step's timeline the prefetch made qkv's NORM
-# launch 0.8 us shorter and gate/up's 7 us longer (its last program ended 17.8 us after the median
-# one); gate/up asks for 12.3 MiB (392 programs x 16 rows x 2 KB), every other launch for <= 8.3.
-W_PREFETCH_MAX_BYTES = 1 << 40
 # kernels/decode_timeline.py: called by every compacting launch without a stamp table as
 # STAMP_HOOK(programs, {"N", "K", "kind"}) -> an int64 [programs, 12] table for it, or None.
 STAMP_HOOK = None
@@ -801,7 +796,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
             N, K, wt.stride(0), b1, b2, slice_, SCAN=scan, PRODUCED=bool(cfg.producer),
             DEPTH=min(2, max(1, cfg.depth)), SUM_ROWS=_rows_per_thread(cfg, wt.dtype), SHARE=max(1, cfg.share),
             stamp_ptr=y if stamps is None else stamps, STAMPS=stamps is not None, PRELOAD=NORM_PRELOAD,
-            **_prefetch(wt, cfg, kind, accum, grid_n * split_k), **clr, **common)
+            **_prefetch(wt, cfg, kind, accum), **clr, **common)
         return y
     acc, part, cnt, _, _ = _scratch(x1.device, N, N * split_k if cfg.reduce else 0, grid_n)
     _sparse_gemv_kernel[(grid_n, split_k)](
@@ -815,10 +810,10 @@ def _input_kind(glu: bool, norm: bool, partials) -> str:
     return "glu" if glu else "norm" if norm else "partials" if partials[0] else "plain"
 
 
-def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool, programs: int) -> dict:
+def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool) -> dict:
     """_prefetch_w's arguments: W_PREFETCH_ROWS rows when the bulk prefetch applies
     (W_PREFETCH, sparse_gemv_into with this kind of input, a Hopper GPU, whole 16-byte-aligned
-    BLOCK_N-wide rows, the launch's `programs` asking for at most W_PREFETCH_MAX_BYTES), else none. Not sparse_gemv: its bf16 configs' short slices (64-96
+    BLOCK_N-wide rows), else none. Not sparse_gemv: its bf16 configs' short slices (64-96
     channels, 4 programs per SM) lost 10-13% with it at 50% (fused QKV, q|o; item 26)."""
     K, N = wt.shape
     row_bytes = cfg.block_n * wt.element_size()
@@ -826,8 +821,7 @@ def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool, programs: i
     hopper = wt.is_cuda and _capability(wt.device) >= 9
     aligned = (N % cfg.block_n == 0 and row_bytes % 16 == 0 and wt.data_ptr() % 16 == 0
                and (wt.stride(0) * wt.element_size()) % 16 == 0)
-    within = programs * W_PREFETCH_ROWS * row_bytes <= W_PREFETCH_MAX_BYTES
-    ok = applies and hopper and aligned and within
+    ok = applies and hopper and aligned
     rows = W_PREFETCH_ROWS if ok else 0
     return dict(ROW_BYTES=row_bytes, PF_ROWS=rows,
                 PF_LANES=max(32 * cfg.warps, triton.next_power_of_2(max(rows, 1))))
