@@ -72,7 +72,7 @@ FP16: dict[tuple[int, int], tuple[int, ...]] = {
 # 50%, gemv_tune_v14_share.json).
 # Since item 26's W prefetch (kernels/README.md, item 28): k|v in bf16 runs fp16's config (sweep 14
 # had given bf16 2 programs per 256-channel slice; with the prefetch it lost at every sparsity,
-# 5.59 -> 4.99 us at 25%, ab_kv_accum_bf16_*.json), and gate|up takes 1024-column tiles with 2
+# 5.56 -> 4.98 us at 25%, ab_kv_accum_bf16_*.json), and gate|up takes 1024-column tiles with 2
 # programs per 456-channel slice (sweep 16: 18.29 -> 18.00 us bf16, 18.31 -> 17.83 fp16 at 50%).
 ACCUM: dict[tuple[int, int], tuple[int, ...]] = {
     (6144, 4096): (1024, 8, 4, 0, 0, 192, 1, 1, 0, 0, 0, 0, 2),  # qkv_fused
