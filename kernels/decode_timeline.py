@@ -3,19 +3,23 @@
     PYTHONPATH=. python kernels/decode_timeline.py --out $OUT/decode_timeline.json
 
 `gemv_timeline.py` stamps one launch in a graph of launches of one shape; this stamps all 128
-launches of a Llama-3-8B decode step (random weights, the fused step, as `decode_profile.py`
+GEMV launches of a Llama-3-8B decode step (random weights, the fused step, as `decode_profile.py`
 runs it) in one CUDA graph, so that the launches are seen next to their real neighbours: the
 attention kernel between qkv and o, the norm-fused qkv after down. Each program writes the
 GPU's global timer at entry, after its PDL wait, with its kept list stored, with its last W row
 summed and after its epilogue (gemv._stamp, handed a table per launch through gemv.STAMP_HOOK).
+The split attention kernel between qkv and o is stamped too (decode_attention.STAMP_HOOK; its
+slots: entry, after the wait, q/k/v loaded, partial computed, end), unless --no-attention.
 
 Per launch (`summarize_launch`): the programs' median entry, the first and last end of their
 wait, the median time the list was stored and the last W row summed, the median and last end.
 Per projection, averaged over the layers (`by_projection`): how early its programs enter
 before the launch before ends, the gap from that end to its first program's wait ending, the
-chain to the kept list, the streaming, the tail. Variants (`--variants`) set gemv's switches as
-decode_profile.py's options do, e.g. `triton50:pf=plain+glu+partials+norm` (the prefetch in
-the NORM launches too, which lost 2% of the step: kernels/README.md item 26).
+chain to the kept list, the streaming, the tail (for the attention kernel: the chain to the new
+row's q, k, v loaded, the "streaming" to its partial computed). Variants (`--variants`) set
+gemv's switches as decode_profile.py's options do, e.g. `triton50:pf=plain+glu+partials+norm`
+(the prefetch in the NORM launches too, which lost 2% of the step: kernels/README.md item 26).
+First run: kernels/README.md item 29 (the GEMV launches only).
 """
 import argparse
 import os
@@ -27,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the order of a layer's launches
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the order of a layer's GEMV launches
+WITH_ATTENTION = ("qkv", "attention", "o", "gate_up", "down")  # and with the attention kernel stamped
 
 
 class StampTables:
@@ -60,18 +65,18 @@ def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
                 ended_last=float(ns[:, 4].max()))
 
 
-def by_projection(launches: list[dict]) -> dict:
-    """Per projection (launches in PROJECTIONS order, layer after layer), medians over the
+def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
+    """Per launch of a layer (launches in `names` order, layer after layer), medians over the
     layers: entry_early (the launch before's last end minus this one's median entry), gap (this
     one's first wait end minus the launch before's last end; before o the attention kernel runs
     in it), chain (first wait end to median list stored), stream (list stored to last row
     summed, medians), tail (last end minus median end), span (first wait end to last end)."""
-    if len(launches) % len(PROJECTIONS):
-        raise ValueError(f"{len(launches)} launches is not a whole number of layers of {len(PROJECTIONS)}")
-    rows = {p: [] for p in PROJECTIONS}
+    if len(launches) % len(names):
+        raise ValueError(f"{len(launches)} launches is not a whole number of layers of {len(names)}")
+    rows = {p: [] for p in names}
     for i, cur in enumerate(launches):
         prev_end = launches[i - 1]["ended_last"] if i else None
-        rows[PROJECTIONS[i % len(PROJECTIONS)]].append(dict(
+        rows[names[i % len(names)]].append(dict(
             entry_early=None if prev_end is None else prev_end - cur["entry_med"],
             gap=None if prev_end is None else cur["waited_first"] - prev_end,
             chain=cur["listed_med"] - cur["waited_first"],
@@ -81,7 +86,7 @@ def by_projection(launches: list[dict]) -> dict:
     out = {}
     for p, rs in rows.items():
         out[p] = {k: statistics.median([r[k] for r in rs if r[k] is not None]) for k in rs[-1]}
-    out["layer"] = (launches[-1]["ended_last"] - launches[0]["waited_first"]) / (len(launches) // len(PROJECTIONS))
+    out["layer"] = (launches[-1]["ended_last"] - launches[0]["waited_first"]) / (len(launches) // len(names))
     return out
 
 
@@ -90,6 +95,7 @@ def main():
 
     from decode_profile import GEMV_SWITCHES, set_gemv_switches  # this folder: the same variant options
 
+    from teal_nb import decode_attention
     from teal_nb.decode import Decoder
     from teal_nb.decode_calibrate import calibrate_decode
     from teal_nb.kernels import gemv
@@ -99,17 +105,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--variants", default="triton50,triton0,triton50:pf=plain+glu+partials+norm",
+    ap.add_argument("--variants", default="triton50,triton0",
                     help="comma list of tritonNN[:option...], the sparse GEMV's options of decode_profile.py")
     ap.add_argument("--new-tokens", type=int, default=200, help="the calibration's decode steps")
     ap.add_argument("--replays", type=int, default=5)
     ap.add_argument("--capacity", type=int, default=1 << 16, help="stamp table rows (programs per step)")
+    ap.add_argument("--no-attention", dest="attention", action="store_false",
+                    help="stamp the GEMV launches only, not the split attention kernel between qkv and o")
     ap.add_argument("--out", default="decode_timeline.json")
     a = ap.parse_args()
+    names = WITH_ATTENTION if a.attention else PROJECTIONS
     ic.fx_graph_cache = True
     torch._dynamo.config.cache_size_limit = 64
 
-    res = {"provenance": provenance(" ".join(sys.argv)), "projections": PROJECTIONS, "variants": {}}
+    res = {"provenance": provenance(" ".join(sys.argv)), "projections": names, "variants": {}}
     dec = Decoder.random(a.preset, a.dtype, "cuda", max_seq_len=256)
     dec.prepare_triton()
     prompt = torch.randint(0, dec.cfg.vocab, (1, 5), generator=torch.Generator().manual_seed(0)).cuda()
@@ -145,6 +154,7 @@ def main():
             with torch.cuda.stream(side):
                 for i in range(3):  # compile (the last time the stamping kernels too), fill the scratch
                     gemv.STAMP_HOOK = tables if i == 2 else None
+                    decode_attention.STAMP_HOOK = tables if i == 2 and a.attention else None
                     tables.reset()
                     step(tok, pos)
             torch.cuda.current_stream().wait_stream(side)
@@ -153,7 +163,7 @@ def main():
             with torch.cuda.graph(g):
                 step(tok, pos)
         finally:
-            gemv.STAMP_HOOK = None
+            gemv.STAMP_HOOK = decode_attention.STAMP_HOOK = None
         replays = []
         for _ in range(a.replays):
             tables.table.zero_()
@@ -163,7 +173,7 @@ def main():
             launches = [st[i:i + n] for i, n, _ in tables.launches]
             t0 = int(launches[0][:, 2].min())
             summary = [summarize_launch(x, t0) for x in launches]
-            replays.append(dict(launches=summary, by_projection=by_projection(summary)))
+            replays.append(dict(launches=summary, by_projection=by_projection(summary, names)))
         del g
         replays.sort(key=lambda r: r["by_projection"]["layer"])
         rec = replays[len(replays) // 2]  # the replay with the median layer time
@@ -186,12 +196,13 @@ def main():
             res.setdefault("errors", []).append(f"{key}: {type(e).__name__}: {e}")
             write_json(a.out, res)
 
-    print("\nper projection, median over layers, us: entry_early / gap / chain / stream / tail / span")
+    print("\nper launch of a layer, median over layers, us: entry_early / gap / chain / stream / tail / span"
+          + ("\n(attention: chain = wait end to q, k, v loaded; stream = to the partial computed)" if a.attention else ""))
     for key, rec in res["variants"].items():
         bp = rec["by_projection"]
         print(f"{key}: {bp['layer']:.2f} us per layer")
-        for p in PROJECTIONS:
-            print(f"  {p:8s} " + " ".join(f"{k} {v:6.2f}" for k, v in bp[p].items()))
+        for p in names:
+            print(f"  {p:9s} " + " ".join(f"{k} {v:6.2f}" for k, v in bp[p].items()))
 
 
 if __name__ == "__main__":

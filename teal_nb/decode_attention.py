@@ -41,7 +41,7 @@ try:
     import triton.language as tl
 
     HAVE_TRITON = True
-    from .kernels.gemv import HAVE_PDL, _capability
+    from .kernels.gemv import HAVE_PDL, _capability, _stamp
 
     if HAVE_PDL:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -54,6 +54,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # is scheduled while qkv's kernel finishes and requests its cached K/V rows before waiting for
 # it, and lets o's kernel be scheduled in turn. False: a plain launch (for A/B timing).
 PDL = True
+# kernels/decode_timeline.py: called by every launch of the split kernel in
+# decode_attention_partials as STAMP_HOOK(programs, {"kind": "attention"}) -> an int64
+# [programs, 12] table its programs write their timeline into (GPU only), or None.
+STAMP_HOOK = None
 
 
 def usable(device: torch.device) -> bool:
@@ -203,16 +207,21 @@ if HAVE_TRITON:
                                        stride_kh, stride_ks, stride_vh, stride_vs, scale,
                                        Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
                                        D: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLIT: tl.constexpr,
-                                       PDL: tl.constexpr, COMBINE: tl.constexpr):
+                                       PDL: tl.constexpr, COMBINE: tl.constexpr,
+                                       stamp_ptr=None, STAMPS: tl.constexpr = False):
         """Flash-decoding: program (j, c) attends query head j to cache rows c*BLOCK_S ..
         (c+1)*BLOCK_S - 1 (requested at once, before the position is known), chunk 0 also to the
         new position; each active chunk stores (weighted values, max, sum) at part[j, c] and, with
         COMBINE, the last one to arrive on head j's counter combines them into y. One block of
         latency whatever the position. Without COMBINE the partials are the output (an inactive
         chunk stores an empty one: m = -inf, l = 0) and the next kernel combines them as it reads
-        them (sparse_gemv_into(partials=True), o_proj's): no arrival, no combining tail."""
+        them (sparse_gemv_into(partials=True), o_proj's): no arrival, no combining tail.
+        STAMPS (kernels/decode_timeline.py): the GPU's timer at entry, after the wait, with the new
+        row's q, k, v loaded, with the partial computed and at the end (gemv._stamp's slots 0-4; a
+        split past the position stamps slots 2-3 when it reaches them, right after its wait)."""
         j = tl.program_id(0)
         c = tl.program_id(1)
+        _stamp(stamp_ptr, 0, j, STAMPS)
         h = j // G
         d = tl.arange(0, D)
         s = c * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -221,11 +230,13 @@ if HAVE_TRITON:
         vt = tl.load(vc_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
         pos, cos, sin = _rope_at(cos_ptr, sin_ptr, pos_ptr, d, D)
         _wait_for_qkv(PDL)
+        _stamp(stamp_ptr, 1, pos, STAMPS)
         n_active = tl.maximum((pos + BLOCK_S - 1) // BLOCK_S, 1)  # chunks holding rows < pos (>= 1)
         dt = kc_ptr.dtype.element_ty
         pb = part_ptr + (j * N_SPLIT + c) * (D + 2)
         if c < n_active:
             q, k, v = _new_row(qkv_ptr, cos, sin, j, h, d, Q_SIZE, KV_SIZE, D, dt)
+            _stamp(stamp_ptr, 2, tl.sum(q, axis=0) + tl.sum(v.to(tl.float32), axis=0), STAMPS)
             if (j % G == 0) & (c == 0):
                 tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
                 tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)
@@ -238,6 +249,7 @@ if HAVE_TRITON:
             a_new = tl.where(first, tl.exp(s_new - m), 0.0)
             acc = v.to(tl.float32) * a_new + tl.sum(p[:, None] * tl.where(sm[:, None], vt.to(tl.float32), 0.0), axis=0)
             l_sum = a_new + tl.sum(p, axis=0)
+            _stamp(stamp_ptr, 3, l_sum + tl.sum(acc, axis=0), STAMPS)
             # This chunk's partial: [acc[D], m, l] at part[j, c].
             tl.store(pb + d, acc)
             tl.store(pb + D, m)
@@ -245,9 +257,12 @@ if HAVE_TRITON:
             if COMBINE:
                 _combine(part_ptr, cnt_ptr, y_ptr, j, d, n_active, D, N_SPLIT, dt)
         elif not COMBINE:
+            _stamp(stamp_ptr, 2, c, STAMPS)
+            _stamp(stamp_ptr, 3, c, STAMPS)
             tl.store(pb + d, tl.zeros([D], tl.float32))
             tl.store(pb + D, float("-inf"))
             tl.store(pb + D + 1, 0.0)
+        _stamp(stamp_ptr, 4, j, STAMPS)
 
 
 # (BLOCK_S, num_warps) per (head_dim, cache length), set by measurement (decode_bench times the
@@ -394,12 +409,17 @@ def decode_attention_partials(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
         return decode_attention_partials_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, scale, block_s)
     n_split = triton.cdiv(s_max, block_s)
     part = torch.empty(n_heads, n_split, d + 2, dtype=torch.float32, device=qkv.device)
+    stamps = None if STAMP_HOOK is None else STAMP_HOOK(n_heads * n_split, {"kind": "attention"})
+    if stamps is not None and (stamps.dtype != torch.int64 or stamps.numel() < n_heads * n_split * 12):
+        raise ValueError(f"stamps: {n_heads} x {n_split} programs write 12 int64 each: need an int64 tensor of at "
+                         f"least [{n_heads * n_split}, 12], got {stamps.dtype} {tuple(stamps.shape)}")
     # y and the arrival counters are not used without COMBINE: part stands in for both pointers.
     _decode_attention_split_kernel[(n_heads, n_split)](
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, part, part, part, s_max,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
         Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s, N_SPLIT=n_split,
-        COMBINE=False, **_launch_options(qkv, warps))
+        COMBINE=False, stamp_ptr=part if stamps is None else stamps, STAMPS=stamps is not None,
+        **_launch_options(qkv, warps))
     return part
 
 

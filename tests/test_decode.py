@@ -471,6 +471,33 @@ def test_attention_partials(dtype):
                                   scale, bs, 4)
 
 
+def test_attention_stamp_hook_asked_once_per_launch(monkeypatch):
+    """decode_attention.STAMP_HOOK (kernels/decode_timeline.py) is asked for a table by each
+    launch of the split kernel, with its program count; a hook that answers None changes nothing,
+    and a table too small for the launch is refused."""
+    import math
+
+    from teal_nb import decode_attention as da
+
+    dev = ATTN_DEV
+    if not da.usable(dev):
+        pytest.skip("needs a GPU or Triton's CPU interpreter")
+    h, hkv, d, s, bs, p = 4, 2, 32, 64, 16, 37
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 1, (h + 2 * hkv) * d, generator=g).to(dev)
+    cos, sin = torch.randn(s, d, generator=g).to(dev), torch.randn(s, d, generator=g).to(dev)
+    kc, vc = torch.randn(1, hkv, s, d, generator=g).to(dev), torch.randn(1, hkv, s, d, generator=g).to(dev)
+    pos, scale = torch.tensor([p], device=dev), 1 / math.sqrt(d)
+    plain = da.decode_attention_partials(qkv, cos, sin, pos, kc, vc, h, scale, bs, 4)
+    asked = []
+    monkeypatch.setattr(da, "STAMP_HOOK", lambda programs, info: asked.append((programs, info)))
+    hooked = da.decode_attention_partials(qkv, cos, sin, pos, kc, vc, h, scale, bs, 4)
+    assert asked == [(h * (s // bs), {"kind": "attention"})] and torch.equal(hooked, plain)
+    monkeypatch.setattr(da, "STAMP_HOOK", lambda programs, info: torch.zeros(programs - 1, 12, dtype=torch.int64))
+    with pytest.raises(ValueError, match="12 int64 each"):
+        da.decode_attention_partials(qkv, cos, sin, pos, kc, vc, h, scale, bs, 4)
+
+
 def test_two_stage_greedy_is_argmax():
     """The step's argmax in two reductions picks the first maximum, as torch.argmax does."""
     p = get_preset("llama-3-8b").with_(n_layers=1, hidden=64, intermediate=128, n_heads=4, n_kv_heads=2,

@@ -762,6 +762,11 @@ def test_decode_timeline_tables_and_summaries():
     assert bp["layer"] == (launches[-1]["ended_last"] - launches[0]["waited_first"]) / 2
     with pytest.raises(ValueError, match="whole number of layers"):
         mod.by_projection(launches[:5])
+    # With the attention kernel stamped too: five launches per layer, named in that order.
+    bp5 = mod.by_projection(launches[:5] + launches[:5], mod.WITH_ATTENTION)
+    assert list(bp5)[:5] == list(mod.WITH_ATTENTION) and bp5["attention"]["stream"] == 2
+    with pytest.raises(ValueError, match="layers of 5"):
+        mod.by_projection(launches, mod.WITH_ATTENTION)
 
 
 def test_decode_variant_switches():
