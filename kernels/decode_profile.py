@@ -96,13 +96,36 @@ def set_gemv_switches(gemv, opt, defaults):
             gemv.W_PREFETCH_KINDS = set(o[3:].split("+"))
 
 
+def set_accum_configs(tuning, opt, defaults):
+    """Set sparse_gemv_into's launch configs (tuning.ACCUM) for a variant's options, from
+    `defaults` (a copy of the table read before any variant changed it) unless an option
+    "cfg=NxK=f1/f2/..." gives one shape another config (gemv.Config's fields, "/"-separated:
+    commas and colons separate variants and options), e.g. fused gate/up with 2 programs per
+    592-channel slice: "cfg=28672x4096=1024/8/4/0/0/592/2/1/0/0/0/1/2". The step's neighbours
+    change a launch's best config (kernels/README.md item 29: gate/up's tail is 3.1 us in the step),
+    so configs can be timed in the step itself. Also used by decode_timeline.py."""
+    tuning.ACCUM.clear()
+    tuning.ACCUM.update(defaults)
+    for o in opt:
+        if o.startswith("cfg="):
+            shape, _, fields = o[4:].partition("=")
+            n, _, k = shape.partition("x")
+            try:
+                key, cfg = (int(n), int(k)), tuple(int(f) for f in fields.split("/"))
+            except ValueError:
+                raise ValueError(f"option {o!r}: write cfg=NxK=f1/f2/... (gemv.Config's fields)") from None
+            if key not in defaults:
+                raise ValueError(f"option {o!r}: {shape} is not a shape of tuning.ACCUM ({sorted(defaults)})")
+            tuning.ACCUM[key] = cfg
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
                     help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch][:pfN]"
-                         "[:pf=kind+kind][:attn=BLOCK_SxWARPS] (see run_variant)")
+                         "[:pf=kind+kind][:attn=BLOCK_SxWARPS][:cfg=NxK=f1/f2/...] (see run_variant)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
@@ -121,11 +144,12 @@ def main():
     from teal_nb.config import SITES
     from teal_nb.decode import Decoder, weight_bytes_per_token
     from teal_nb.decode_calibrate import calibrate_decode
-    from teal_nb.kernels import gemv, sparse_gemv
+    from teal_nb.kernels import gemv, sparse_gemv, tuning
     from teal_nb.kernels.bench import copy_rate_gbps, graph_us, provenance
     from teal_nb.results import write_json
 
     gemv_defaults = {name: getattr(gemv, name) for name in GEMV_SWITCHES}  # before any variant sets them
+    accum_defaults = dict(tuning.ACCUM)
     res = {"provenance": provenance(" ".join(sys.argv)), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "variants": {}, "floors": {}}
 
@@ -191,9 +215,11 @@ def main():
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
         # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
         # "attn=32x4": the split attention kernel's BLOCK_S x warps (decode_attention_partials'
-        # default: 64 x 4); the sparse GEMV's switches: set_gemv_switches.
+        # default: 64 x 4); the sparse GEMV's switches and configs: set_gemv_switches,
+        # set_accum_configs.
         backend, attn, *opt = key.split(":")
         set_gemv_switches(gemv, opt, gemv_defaults)
+        set_accum_configs(tuning, opt, accum_defaults)
         attn_cfg = [tuple(map(int, o[5:].split("x"))) + (1,) for o in opt if o.startswith("attn=")]
         decode_attention.CONFIGS.pop((cfg.head_dim, dec.max_seq_len), None)
         if attn_cfg:

@@ -93,12 +93,12 @@ def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
 def main():
     import torch._inductor.config as ic
 
-    from decode_profile import GEMV_SWITCHES, set_gemv_switches  # this folder: the same variant options
+    from decode_profile import GEMV_SWITCHES, set_accum_configs, set_gemv_switches  # the same variant options
 
     from teal_nb import decode_attention
     from teal_nb.decode import Decoder
     from teal_nb.decode_calibrate import calibrate_decode
-    from teal_nb.kernels import gemv
+    from teal_nb.kernels import gemv, tuning
     from teal_nb.kernels.bench import provenance
     from teal_nb.results import write_json
 
@@ -130,6 +130,7 @@ def main():
     tables = StampTables(a.capacity, "cuda")
     thr = {}
     gemv_defaults = {name: getattr(gemv, name) for name in GEMV_SWITCHES}  # before any variant sets them
+    accum_defaults = dict(tuning.ACCUM)
 
     def run(key):
         """One variant: set gemv's switches, compile the step, capture it with every launch
@@ -141,6 +142,7 @@ def main():
                              "every channel kept, the dense step through the kernels)")
         s = int(backend[len("triton"):]) / 100
         set_gemv_switches(gemv, opt, gemv_defaults)
+        set_accum_configs(tuning, opt, accum_defaults)
         if s > 0 and s not in thr:
             thr[s] = calibrate_decode(dec, prompt, a.new_tokens, s, iters=0, forced=forced)
         dec.attention = "fused"

@@ -782,3 +782,14 @@ def test_decode_variant_switches():
     assert vars(g) == dict(NORM_PRELOAD=False, W_PREFETCH=False, W_PREFETCH_ROWS=8, W_PREFETCH_KINDS={"norm", "plain"})
     mod.set_gemv_switches(g, ["fused"], defaults)
     assert vars(g) == defaults
+    # Launch configs per variant (tuning.ACCUM): one shape's replaced, the rest as they were, and
+    # back to the defaults for the next variant.
+    table = {(28672, 4096): (1024, 8, 4), (4096, 4096): (512, 8, 2)}
+    t = SimpleNamespace(ACCUM=dict(table))
+    mod.set_accum_configs(t, ["fused", "cfg=28672x4096=1024/8/4/0/0/592/2/1/0/0/0/1/2"], dict(table))
+    assert t.ACCUM == {(28672, 4096): (1024, 8, 4, 0, 0, 592, 2, 1, 0, 0, 0, 1, 2), (4096, 4096): (512, 8, 2)}
+    mod.set_accum_configs(t, ["fused"], dict(table))
+    assert t.ACCUM == table
+    for bad, match in (("cfg=28672x4096=1024,8", "f1/f2"), ("cfg=1x2=1/2", "not a shape")):
+        with pytest.raises(ValueError, match=match):
+            mod.set_accum_configs(t, [bad], dict(table))
