@@ -57,12 +57,13 @@ class StampTables:
 
 def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
     """One launch's [programs, 12] table (globaltimer ns at slots 0, 2, 4, 6, 8: entry, waited,
-    listed, streamed, ended) in us from t0 (ns)."""
-    ns = (stamps[:, 0:10:2].double() - t0) / 1e3
-    med = ns.quantile(0.5, dim=0)  # (interpolated, as gemv_timeline.summarize)
-    return dict(entry_med=float(med[0]), waited_first=float(ns[:, 1].min()), waited_last=float(ns[:, 1].max()),
-                listed_med=float(med[2]), streamed_med=float(med[3]), ended_med=float(med[4]),
-                ended_last=float(ns[:, 4].max()))
+    listed, streamed, ended) in us from t0 (ns). A slot a program did not reach is 0 and left
+    out (the attention kernel's splits past the position have no q, k, v to load)."""
+    slots = stamps[:, 0:10:2]
+    cols = [(slots[:, i][slots[:, i] != 0].double() - t0) / 1e3 for i in range(5)]
+    med = [float(c.quantile(0.5)) for c in cols]  # (interpolated, as gemv_timeline.summarize)
+    return dict(entry_med=med[0], waited_first=float(cols[1].min()), waited_last=float(cols[1].max()),
+                listed_med=med[2], streamed_med=med[3], ended_med=med[4], ended_last=float(cols[4].max()))
 
 
 def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:

@@ -218,7 +218,7 @@ if HAVE_TRITON:
         them (sparse_gemv_into(partials=True), o_proj's): no arrival, no combining tail.
         STAMPS (kernels/decode_timeline.py): the GPU's timer at entry, after the wait, with the new
         row's q, k, v loaded, with the partial computed and at the end (gemv._stamp's slots 0-4; a
-        split past the position stamps slots 2-3 when it reaches them, right after its wait)."""
+        split past the position leaves slots 2-3 unwritten)."""
         j = tl.program_id(0)
         c = tl.program_id(1)
         _stamp(stamp_ptr, 0, j, STAMPS)
@@ -257,8 +257,6 @@ if HAVE_TRITON:
             if COMBINE:
                 _combine(part_ptr, cnt_ptr, y_ptr, j, d, n_active, D, N_SPLIT, dt)
         elif not COMBINE:
-            _stamp(stamp_ptr, 2, c, STAMPS)
-            _stamp(stamp_ptr, 3, c, STAMPS)
             tl.store(pb + d, tl.zeros([D], tl.float32))
             tl.store(pb + D, float("-inf"))
             tl.store(pb + D + 1, 0.0)

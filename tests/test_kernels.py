@@ -741,19 +741,27 @@ def test_decode_timeline_tables_and_summaries():
     with pytest.raises(RuntimeError, match="larger --capacity"):
         tables(1, {})
 
+    base = 10**9  # the GPU's timer (ns) is never 0: 0 marks a slot not reached
+
     def launch(entry, waited, listed, streamed, ended):  # two programs; the second 1 us later at each point
         st = torch.zeros(2, 12, dtype=torch.int64)
         for j, t in enumerate((entry, waited, listed, streamed, ended)):
-            st[:, 2 * j] = torch.tensor([t * 1000, t * 1000 + 1000])
+            st[:, 2 * j] = torch.tensor([t * 1000, t * 1000 + 1000], dtype=torch.float64) + base
         return st
 
-    s = mod.summarize_launch(launch(0, 2, 3, 10, 11), t0=2000)
+    s = mod.summarize_launch(launch(0, 2, 3, 10, 11), t0=base + 2000)
     assert s == dict(entry_med=-1.5, waited_first=0.0, waited_last=1.0, listed_med=1.5, streamed_med=8.5,
                      ended_med=9.5, ended_last=10.0)
+    # A slot a program did not reach (0: an attention split past the position) is left out.
+    st = torch.cat([launch(0, 2, 3, 10, 11), launch(0, 2, 3, 10, 11)[:1]])
+    st[2, 4:8] = 0
+    assert mod.summarize_launch(st, t0=base + 2000) == dict(entry_med=-2.0, waited_first=0.0, waited_last=1.0,
+                                                     listed_med=1.5, streamed_med=8.5, ended_med=9.0,
+                                                     ended_last=10.0)
     # Two layers of four launches, each launch entering 3 us before the last one ends and waiting 1 us past it.
     launches, t = [], 0
     for i in range(8):
-        launches.append(mod.summarize_launch(launch(t - 3, t + 1, t + 2, t + 2 + i % 4 + 1, t + 4 + i % 4), t0=0))
+        launches.append(mod.summarize_launch(launch(t - 3, t + 1, t + 2, t + 2 + i % 4 + 1, t + 4 + i % 4), t0=base))
         t = launches[-1]["ended_last"]
     bp = mod.by_projection(launches)
     for i, p in enumerate(mod.PROJECTIONS):
