@@ -157,7 +157,7 @@ SWEEP16 = {
 
 
 # Sweep 17 (not yet run; sparse_gemv_into, for --dtypes fp16 --sparsities 0 0.25 0.5): gate|up in
-# fp16 is 0.845 x the ideal at 50% in gemv.json (git bb5a3b0), the last point short of issue 5.
+# fp16 is 0.844 x the ideal at 50% in gemv.json (git bb5a3b0), the last point short of issue 5.
 # Sweep 16's winner (1024-column tiles, 2 programs per 456-channel slice), its neighbours in slice
 # length and SHARE, and the same with 2 tiles in flight and the 1-D accumulator.
 SWEEP17 = {
