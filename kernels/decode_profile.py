@@ -13,7 +13,6 @@ Sparse variants use thresholds from the dense run's own decode steps (one pass, 
 realized sparsity is near, not at, the target (the recorded sweep calibrates properly).
 """
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -141,7 +140,6 @@ def main():
     ic.fx_graph_cache = True
     torch._dynamo.config.cache_size_limit = 64
     from teal_nb import decode_attention
-    from teal_nb.config import SITES
     from teal_nb.decode import Decoder, weight_bytes_per_token
     from teal_nb.decode_calibrate import calibrate_decode
     from teal_nb.kernels import gemv, sparse_gemv, tuning

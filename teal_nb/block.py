@@ -16,8 +16,6 @@ the result against the HF layer under `teal_nb.sparsify`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -351,7 +351,6 @@ class Decoder(nn.Module):
             x = F.silu(gate) * up
         w = getattr(blk, proj)
         bias = blk.qkv_bias if proj == "qkv" else None
-        cols = PROJ_SITES[proj]
         if self.record is not None and sparse_rows is not None:
             self.record.setdefault((li, PROJ_STATE[proj]), []).append(x[:, sparse_rows].detach().float().flatten(0, -2))
         if dense and not kernel:

@@ -1,6 +1,5 @@
 """Site discovery on the layouts TEAL meets: separate, biased, fused; clear errors otherwise."""
 import pytest
-import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from teal_nb.config import SITES, get_preset

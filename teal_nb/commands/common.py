@@ -26,8 +26,6 @@ def add_model_args(p, sparsity: bool = True) -> None:
 
 
 def load(args):
-    import torch
-
     from ..config import check_sparsity
     from ..models import load_model
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..data import DataUnavailable, _offline, data_dir, read_jsonl
 
