@@ -41,7 +41,7 @@ try:
     import triton.language as tl
 
     HAVE_TRITON = True
-    from .kernels.gemv import HAVE_PDL, _capability, _stamp
+    from .kernels.gemv import HAVE_PDL, _capability, _stamp, _stamps_fit
 
     if HAVE_PDL:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -408,7 +408,7 @@ def decode_attention_partials(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
     n_split = triton.cdiv(s_max, block_s)
     part = torch.empty(n_heads, n_split, d + 2, dtype=torch.float32, device=qkv.device)
     stamps = None if STAMP_HOOK is None else STAMP_HOOK(n_heads * n_split, {"kind": "attention"})
-    if stamps is not None and (stamps.dtype != torch.int64 or stamps.numel() < n_heads * n_split * 12):
+    if stamps is not None and not _stamps_fit(stamps, n_heads * n_split):
         raise ValueError(f"stamps: {n_heads} x {n_split} programs write 12 int64 each: need an int64 tensor of at "
                          f"least [{n_heads * n_split}, 12], got {stamps.dtype} {tuple(stamps.shape)}")
     # y and the arrival counters are not used without COMBINE: part stands in for both pointers.

@@ -776,7 +776,7 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     kind = _input_kind(glu, norm, partials)
     if stamps is None and STAMP_HOOK is not None and cfg.slice:
         stamps = STAMP_HOOK(grid_n * split_k, dict(N=N, K=K, kind=kind))
-    if stamps is not None and (not cfg.slice or stamps.dtype != torch.int64 or stamps.numel() < grid_n * split_k * 12):
+    if stamps is not None and (not cfg.slice or not _stamps_fit(stamps, grid_n * split_k)):
         raise ValueError(f"stamps: the compacting kernel (slice > 0) writes 12 int64 per program, "
                          f"{grid_n} x {split_k} programs here: pass an int64 tensor of at least "
                          f"[{grid_n * split_k}, 12], got {stamps.dtype} {tuple(stamps.shape)} (config {tuple(cfg)})")
@@ -805,6 +805,16 @@ def _launch(x1: torch.Tensor, wt: torch.Tensor, thr: torch.Tensor, splits, bias,
     return y
 
 
+def _stamps_fit(stamps: torch.Tensor, programs: int) -> bool:
+    """Whether `stamps` can take _stamp's rows for `programs` programs: 12 int64 each."""
+    return stamps.dtype == torch.int64 and stamps.numel() >= programs * 12
+
+
+def _pf_lanes(warps: int, rows: int) -> int:
+    """_prefetch_w's LANES: one lane per row, at least one per thread of the program."""
+    return max(32 * warps, triton.next_power_of_2(max(rows, 1)))
+
+
 def _input_kind(glu: bool, norm: bool, partials) -> str:
     """What a launch's kernel reads as x (W_PREFETCH_KINDS names these)."""
     return "glu" if glu else "norm" if norm else "partials" if partials[0] else "plain"
@@ -823,8 +833,7 @@ def _prefetch(wt: torch.Tensor, cfg: Config, kind: str, accum: bool) -> dict:
                and (wt.stride(0) * wt.element_size()) % 16 == 0)
     ok = applies and hopper and aligned
     rows = W_PREFETCH_ROWS if ok else 0
-    return dict(ROW_BYTES=row_bytes, PF_ROWS=rows,
-                PF_LANES=max(32 * cfg.warps, triton.next_power_of_2(max(rows, 1))))
+    return dict(ROW_BYTES=row_bytes, PF_ROWS=rows, PF_LANES=_pf_lanes(cfg.warps, rows))
 
 
 def _norm_block(K: int) -> int:

@@ -67,7 +67,7 @@ def kernel_resources(block_n: int, block_k: int, warps: int, slice_: int, depth:
                       NORM_BLOCK=gemv._norm_block(k), ACCUM=accum, HAS_CLEAR=clear,
                       CLR_BLOCK=32, PARTS=partials, HEAD_D=128, SHARE=share, STAMPS=False,
                       PRELOAD=gemv.NORM_PRELOAD, PF_ROWS=prefetch,
-                      PF_LANES=max(32 * warps, triton.next_power_of_2(max(prefetch, 1))))
+                      PF_LANES=gemv._pf_lanes(warps, prefetch))
     types = dict(POINTER_TYPES, **({"y_ptr": "fp32"} if accum else {}),
                  **({"x_ptr": "fp32"} if norm or partials else {}))
     signature, attrs = {}, {}
