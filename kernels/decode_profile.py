@@ -213,8 +213,9 @@ def main():
         # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
         # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
         # "attn=32x4": the split attention kernel's BLOCK_S x warps (decode_attention_partials'
-        # default: 64 x 4); the sparse GEMV's switches and configs: set_gemv_switches,
-        # set_accum_configs.
+        # default: 64 x 4); "kvall": its programs request their whole block of cached rows, past
+        # the position too (KV_UP_TO_POS off); the sparse GEMV's switches and configs:
+        # set_gemv_switches, set_accum_configs.
         backend, attn, *opt = key.split(":")
         set_gemv_switches(gemv, opt, gemv_defaults)
         set_accum_configs(tuning, opt, accum_defaults)
@@ -225,6 +226,7 @@ def main():
         t0 = time.perf_counter()
         dec.attention = attn
         decode_attention.PDL = "nopdl" not in opt
+        decode_attention.KV_UP_TO_POS = "kvall" not in opt
         decode_attention.MAX_PARTIAL_SPLITS = 0 if "nopartials" in opt else max_partials
         torch._dynamo.reset()  # a fresh capture: the flag is read at capture, and dynamo would reuse the last
         if backend == "dense":

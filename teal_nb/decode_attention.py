@@ -54,6 +54,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # is scheduled while qkv's kernel finishes and requests its cached K/V rows before waiting for
 # it, and lets o's kernel be scheduled in turn. False: a plain launch (for A/B timing).
 PDL = True
+# The split kernel requests only the cached rows below the position (which it reads before the
+# wait, so the request waits for one load more). False: each program requests its whole block of
+# rows at entry, as the first version did; at a short context most of those bytes are rows past
+# the position, read from HBM while qkv's projection streams its weights (a 256-row cache at
+# position 100: 2.5 of 4.2 MB per layer; a 1024-row cache: 16 MB).
+KV_UP_TO_POS = True
 # kernels/decode_timeline.py: called by every launch of the split kernel in
 # decode_attention_partials as STAMP_HOOK(programs, {"kind": "attention"}) -> an int64
 # [programs, 12] table its programs write their timeline into (GPU only), or None.
@@ -207,10 +213,11 @@ if HAVE_TRITON:
                                        stride_kh, stride_ks, stride_vh, stride_vs, scale,
                                        Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
                                        D: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLIT: tl.constexpr,
-                                       PDL: tl.constexpr, COMBINE: tl.constexpr,
+                                       PDL: tl.constexpr, COMBINE: tl.constexpr, UP_TO_POS: tl.constexpr = True,
                                        stamp_ptr=None, STAMPS: tl.constexpr = False):
         """Flash-decoding: program (j, c) attends query head j to cache rows c*BLOCK_S ..
-        (c+1)*BLOCK_S - 1 (requested at once, before the position is known), chunk 0 also to the
+        (c+1)*BLOCK_S - 1 (requested at once before the wait; UP_TO_POS: only those below the
+        position, KV_UP_TO_POS), chunk 0 also to the
         new position; each active chunk stores (weighted values, max, sum) at part[j, c] and, with
         COMBINE, the last one to arrive on head j's counter combines them into y. One block of
         latency whatever the position. Without COMBINE the partials are the output (an inactive
@@ -225,10 +232,15 @@ if HAVE_TRITON:
         h = j // G
         d = tl.arange(0, D)
         s = c * BLOCK_S + tl.arange(0, BLOCK_S)
-        inside = s < S_MAX
-        kt = tl.load(kc_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
-        vt = tl.load(vc_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
-        pos, cos, sin = _rope_at(cos_ptr, sin_ptr, pos_ptr, d, D)
+        if UP_TO_POS:
+            pos, cos, sin = _rope_at(cos_ptr, sin_ptr, pos_ptr, d, D)
+            rows = s < pos  # (pos < S_MAX) a split past the position requests nothing
+        else:
+            rows = s < S_MAX
+        kt = tl.load(kc_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=rows[:, None], other=0.0)
+        vt = tl.load(vc_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=rows[:, None], other=0.0)
+        if not UP_TO_POS:
+            pos, cos, sin = _rope_at(cos_ptr, sin_ptr, pos_ptr, d, D)
         _wait_for_qkv(PDL)
         _stamp(stamp_ptr, 1, pos, STAMPS)
         n_active = tl.maximum((pos + BLOCK_S - 1) // BLOCK_S, 1)  # chunks holding rows < pos (>= 1)
@@ -324,7 +336,7 @@ def _impl(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> t
             qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y, part, cnt, s_max,
             k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
             Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s,
-            N_SPLIT=n_split_p2, COMBINE=True, **launch)
+            N_SPLIT=n_split_p2, COMBINE=True, UP_TO_POS=KV_UP_TO_POS, **launch)
         return y
     _decode_attention_kernel[(n_heads,)](
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, y,
@@ -416,7 +428,8 @@ def decode_attention_partials(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
         qkv.reshape(-1), cos, sin, pos.reshape(-1), k_cache, v_cache, part, part, part, s_max,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
         Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s, N_SPLIT=n_split,
-        COMBINE=False, stamp_ptr=part if stamps is None else stamps, STAMPS=stamps is not None,
+        COMBINE=False, UP_TO_POS=KV_UP_TO_POS, stamp_ptr=part if stamps is None else stamps,
+        STAMPS=stamps is not None,
         **_launch_options(qkv, warps))
     return part
 

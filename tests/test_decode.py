@@ -374,16 +374,20 @@ def _attention_cases(dt, tol, cases):
 
 
 @torch.no_grad()
-def test_fused_attention_launch_configs():
+@pytest.mark.parametrize("up_to_pos", [True, False])
+def test_fused_attention_launch_configs(up_to_pos, monkeypatch):
     """Every launch config the bench may choose (blocks, warps, the split kernel) computes the
-    reference's function, at positions in the first block, at a block edge and in the last one."""
+    reference's function, at positions in the first block, at a block edge and in the last one;
+    the split kernel whether it requests the cached rows below the position only or whole blocks
+    (KV_UP_TO_POS)."""
     from teal_nb import decode_attention as da
 
     if not da.usable(ATTN_DEV):
         pytest.skip("needs a GPU or Triton's CPU interpreter")
+    monkeypatch.setattr(da, "KV_UP_TO_POS", up_to_pos)
     cases = [(4, 2, 32, 100, 0), (4, 2, 32, 100, 64), (4, 2, 32, 100, 99)]
     try:
-        for cfg in da.CANDIDATES:
+        for cfg in da.CANDIDATES if up_to_pos else [c for c in da.CANDIDATES if c[2:] == (1,)]:
             da.CONFIGS[(32, 100)] = cfg
             _attention_cases(torch.float32, 1e-5, cases)
     finally:
@@ -421,17 +425,21 @@ def test_fused_attention_matches_torch(dtype):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_attention_partials(dtype):
+@pytest.mark.parametrize("dtype,up_to_pos", [("float32", True), ("bfloat16", True), ("float32", False)])
+def test_attention_partials(dtype, up_to_pos, monkeypatch):
     """decode_attention_partials (the split kernel without its combining step; interpreted on CPU)
     leaves the partials of its torch reference, empty splits included, and writes the caches as
     decode_attention does; combined (attention_input, the o kernel's input stage) they are the
-    attention output of decode_attention_reference."""
+    attention output of decode_attention_reference. The cached rows at and past the position are
+    random, so a kernel that read one of them (KV_UP_TO_POS: none requested) would differ."""
     import math
 
+    from teal_nb import decode_attention as da
     from teal_nb.decode_attention import (decode_attention_partials, decode_attention_partials_reference,
                                           decode_attention_reference, usable)
     from teal_nb.kernels import attention_input
+
+    monkeypatch.setattr(da, "KV_UP_TO_POS", up_to_pos)
 
     dev = ATTN_DEV
     if not usable(dev):
