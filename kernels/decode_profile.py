@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--max-seq-len", type=int, default=256,
+                    help="the KV cache's rows (the split attention kernel runs one program per 64 of them)")
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--out", default="decode_profile.json")
     a = ap.parse_args()
@@ -155,7 +157,7 @@ def main():
         write_json(a.out, res)
 
     res["copy_GBps"] = copy_rate_gbps()
-    dec = Decoder.random(a.preset, a.dtype, "cuda", max_seq_len=256)
+    dec = Decoder.random(a.preset, a.dtype, "cuda", max_seq_len=a.max_seq_len)
     cfg = dec.cfg
     wb = weight_bytes_per_token(cfg, a.dtype)
     res["weight_GB_per_token"] = wb["total"] / 1e9

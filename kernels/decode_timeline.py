@@ -62,8 +62,18 @@ def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
     slots = stamps[:, 0:10:2]
     cols = [(slots[:, i][slots[:, i] != 0].double() - t0) / 1e3 for i in range(5)]
     med = [float(c.quantile(0.5)) for c in cols]  # (interpolated, as gemv_timeline.summarize)
+    # The timer ticks in 0.256-1 us steps; each program's cycle counter (slots 1, 3, .., 9, one SM)
+    # resolves its own phases: median cycles from each slot to the next, over the programs that
+    # reached both.
+    clocks = stamps[:, 1:10:2]
+    cycles = []
+    for i in range(4):
+        both = (slots[:, i] != 0) & (slots[:, i + 1] != 0)
+        diff = (clocks[both, i + 1] - clocks[both, i]).double()
+        cycles.append(float(diff.quantile(0.5)) if diff.numel() else None)
     return dict(entry_med=med[0], waited_first=float(cols[1].min()), waited_last=float(cols[1].max()),
-                listed_med=med[2], streamed_med=med[3], ended_med=med[4], ended_last=float(cols[4].max()))
+                listed_med=med[2], streamed_med=med[3], ended_med=med[4], ended_last=float(cols[4].max()),
+                cycles_med=cycles)
 
 
 def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
@@ -71,7 +81,8 @@ def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
     layers: entry_early (the launch before's last end minus this one's median entry), gap (this
     one's first wait end minus the launch before's last end; before o the attention kernel runs
     in it), chain (first wait end to median list stored), stream (list stored to last row
-    summed, medians), tail (last end minus median end), span (first wait end to last end)."""
+    summed, medians), tail (last end minus median end), span (first wait end to last end); and
+    cycles, the four phases from entry to end (summarize_launch's cycles_med) in SM cycles."""
     if len(launches) % len(names):
         raise ValueError(f"{len(launches)} launches is not a whole number of layers of {len(names)}")
     rows = {p: [] for p in names}
@@ -87,6 +98,9 @@ def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
     out = {}
     for p, rs in rows.items():
         out[p] = {k: statistics.median([r[k] for r in rs if r[k] is not None]) for k in rs[-1]}
+        phases = [launch.get("cycles_med") or [None] * 4 for launch in launches[names.index(p)::len(names)]]
+        out[p]["cycles"] = [statistics.median(c) if (c := [ph[i] for ph in phases if ph[i] is not None]) else None
+                            for i in range(4)]
     out["layer"] = (launches[-1]["ended_last"] - launches[0]["waited_first"]) / (len(launches) // len(names))
     return out
 
@@ -205,7 +219,8 @@ def main():
         bp = rec["by_projection"]
         print(f"{key}: {bp['layer']:.2f} us per layer")
         for p in names:
-            print(f"  {p:9s} " + " ".join(f"{k} {v:6.2f}" for k, v in bp[p].items()))
+            print(f"  {p:9s} " + " ".join(f"{k} {v:6.2f}" for k, v in bp[p].items() if k != "cycles")
+                  + "  cycles " + "/".join("-" if c is None else f"{c:.0f}" for c in bp[p]["cycles"]))
 
 
 if __name__ == "__main__":

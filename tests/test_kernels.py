@@ -747,17 +747,21 @@ def test_decode_timeline_tables_and_summaries():
         st = torch.zeros(2, 12, dtype=torch.int64)
         for j, t in enumerate((entry, waited, listed, streamed, ended)):
             st[:, 2 * j] = torch.tensor([t * 1000, t * 1000 + 1000], dtype=torch.float64) + base
+            # each SM's cycle counter (1980 per us) from its own origin
+            st[:, 2 * j + 1] = torch.tensor([7 * 10**9, 9 * 10**9]) + 1980 * st[:, 2 * j].sub(base) // 1000
         return st
 
+    cycles = [3960.0, 1980.0, 13860.0, 1980.0]  # 2, 1, 7 and 1 us from each slot to the next
     s = mod.summarize_launch(launch(0, 2, 3, 10, 11), t0=base + 2000)
     assert s == dict(entry_med=-1.5, waited_first=0.0, waited_last=1.0, listed_med=1.5, streamed_med=8.5,
-                     ended_med=9.5, ended_last=10.0)
+                     ended_med=9.5, ended_last=10.0, cycles_med=cycles)
     # A slot a program did not reach (0: an attention split past the position) is left out.
     st = torch.cat([launch(0, 2, 3, 10, 11), launch(0, 2, 3, 10, 11)[:1]])
     st[2, 4:8] = 0
+    st[2, 9] += 10**6  # its end's cycles counted from its wait's would be far off; from slot 3's, it has none
     assert mod.summarize_launch(st, t0=base + 2000) == dict(entry_med=-2.0, waited_first=0.0, waited_last=1.0,
                                                             listed_med=1.5, streamed_med=8.5, ended_med=9.0,
-                                                            ended_last=10.0)
+                                                            ended_last=10.0, cycles_med=cycles)
     # Two layers of four launches, each launch entering 3 us before the last one ends and waiting 1 us past it.
     launches, t = [], 0
     for i in range(8):
@@ -767,6 +771,7 @@ def test_decode_timeline_tables_and_summaries():
     for i, p in enumerate(mod.PROJECTIONS):
         assert bp[p]["chain"] == 1.5 and bp[p]["stream"] == i + 1 and bp[p]["tail"] == 0.5
         assert bp[p]["gap"] == 1.0 and bp[p]["entry_early"] == 2.5  # the first launch has none: from the second layer
+        assert bp[p]["cycles"] == [7920.0, 1980.0, 1980.0 * (i + 1), 1980.0]  # 4, 1, i + 1 and 1 us
     assert bp["layer"] == (launches[-1]["ended_last"] - launches[0]["waited_first"]) / 2
     with pytest.raises(ValueError, match="whole number of layers"):
         mod.by_projection(launches[:5])
