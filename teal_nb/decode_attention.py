@@ -280,8 +280,12 @@ if HAVE_TRITON:
 # head_dim 128 without spills. Wider blocks request more of the cache at once but hold it in
 # registers: 256 x 16 spilled 7 KB per thread (ptxas -v, sm_90a), 128 x 8 and 256 x 8 less.
 # A third entry 1 selects the split (flash-decoding) kernel: one program per (head, BLOCK_S rows).
+# After its wait a split program is a chain of dependent steps, not a stream: on the H200 at 64 x 4
+# it spent ~4000 cycles (2 us) from the new row loaded to its partial (kernels/decode_timeline.py),
+# for ~1000 instructions and 8 barriers (the reductions across warps). On one or two warps the
+# reductions stay within a warp (16 x 1: no barrier at all; ptxas: 121 registers, no spills).
 CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {}
-CANDIDATES = ((64, 4), (64, 8), (128, 8), (16, 4, 1), (32, 4, 1), (64, 4, 1))
+CANDIDATES = ((64, 4), (64, 8), (128, 8), (16, 4, 1), (32, 4, 1), (64, 4, 1), (16, 1, 1), (16, 2, 1), (32, 2, 1))
 
 
 def launch_config(head_dim: int, s_max: int) -> tuple[int, int, int]:
