@@ -56,9 +56,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PDL = True
 # The split kernel requests only the cached rows below the position (which it reads before the
 # wait, so the request waits for one load more). False: each program requests its whole block of
-# rows at entry, as the first version did; at a short context most of those bytes are rows past
-# the position, read from HBM while qkv's projection streams its weights (a 256-row cache at
-# position 100: 2.5 of 4.2 MB per layer; a 1024-row cache: 16 MB).
+# rows at entry, as the first version did; at a short context most of those rows lie past the
+# position, read from HBM while qkv's projection streams its weights (Llama-3-8B at position 100:
+# 0.6 of 1 MB per layer with a 256-row cache, 3.6 of 4 MB with 1024 rows). On the H200: +0.2% tok/s
+# at 50% with 256 rows, +0.5% with 1024 (decode_profile_kvpos*.json).
 KV_UP_TO_POS = True
 # kernels/decode_timeline.py: called by every launch of the split kernel in
 # decode_attention_partials as STAMP_HOOK(programs, {"kind": "attention"}) -> an int64
@@ -281,11 +282,13 @@ if HAVE_TRITON:
 # registers: 256 x 16 spilled 7 KB per thread (ptxas -v, sm_90a), 128 x 8 and 256 x 8 less.
 # A third entry 1 selects the split (flash-decoding) kernel: one program per (head, BLOCK_S rows).
 # After its wait a split program is a chain of dependent steps, not a stream: on the H200 at 64 x 4
-# it spent ~4000 cycles (2 us) from the new row loaded to its partial (kernels/decode_timeline.py),
-# for ~1000 instructions and 8 barriers (the reductions across warps). On one or two warps the
-# reductions stay within a warp (16 x 1: no barrier at all; ptxas: 121 registers, no spills).
+# it spends ~4000 cycles (2 us) from the new row loaded to its partial (decode_timeline_cycles.json),
+# for ~1000 instructions and 8 barriers (reductions across warps). On one or two warps they stay
+# within a warp (16 x 1 has no barrier), but in the decode step those lost: 393.1 tok/s at 50% with
+# 64 x 4, 392.2 with 32 x 2, 390.8 with 16 x 2, 389.8 with 16 x 1 (decode_profile_attn_warps.json),
+# so they are not candidates: the bench chooses by the kernel's time alone.
 CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {}
-CANDIDATES = ((64, 4), (64, 8), (128, 8), (16, 4, 1), (32, 4, 1), (64, 4, 1), (16, 1, 1), (16, 2, 1), (32, 2, 1))
+CANDIDATES = ((64, 4), (64, 8), (128, 8), (16, 4, 1), (32, 4, 1), (64, 4, 1))
 
 
 def launch_config(head_dim: int, s_max: int) -> tuple[int, int, int]:
