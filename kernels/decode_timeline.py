@@ -58,10 +58,16 @@ class StampTables:
 def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
     """One launch's [programs, 12] table (globaltimer ns at slots 0, 2, 4, 6, 8: entry, waited,
     listed, streamed, ended) in us from t0 (ns). A slot a program did not reach is 0 and left
-    out (the attention kernel's splits past the position have no q, k, v to load)."""
+    out (the attention kernel's splits past the position have no q, k, v to load); the median end
+    is over the programs that streamed."""
     slots = stamps[:, 0:10:2]
     cols = [(slots[:, i][slots[:, i] != 0].double() - t0) / 1e3 for i in range(5)]
     med = [float(c.quantile(0.5)) for c in cols]  # (interpolated, as gemv_timeline.summarize)
+    # The median end of the programs that did the work (reached slot 3): a split past the position
+    # ends at once and would pull it early.
+    worked = (slots[:, 3] != 0) & (slots[:, 4] != 0)
+    if bool(worked.any()):
+        med[4] = float(((slots[worked, 4].double() - t0) / 1e3).quantile(0.5))
     # The timer ticks in 0.256-1 us steps; each program's cycle counter (slots 1, 3, .., 9, one SM)
     # resolves its own phases: median cycles from each slot to the next, over the programs that
     # reached both.

@@ -759,8 +759,10 @@ def test_decode_timeline_tables_and_summaries():
     st = torch.cat([launch(0, 2, 3, 10, 11), launch(0, 2, 3, 10, 11)[:1]])
     st[2, 4:8] = 0
     st[2, 9] += 10**6  # its end's cycles counted from its wait's would be far off; from slot 3's, it has none
+    # (Its early end is not in the median end either: 9.5, the two programs that streamed.)
+    st[2, 8] -= 5000
     assert mod.summarize_launch(st, t0=base + 2000) == dict(entry_med=-2.0, waited_first=0.0, waited_last=1.0,
-                                                            listed_med=1.5, streamed_med=8.5, ended_med=9.0,
+                                                            listed_med=1.5, streamed_med=8.5, ended_med=9.5,
                                                             ended_last=10.0, cycles_med=cycles)
     # Two layers of four launches, each launch entering 3 us before the last one ends and waiting 1 us past it.
     launches, t = [], 0
