@@ -74,12 +74,14 @@ FP16: dict[tuple[int, int], tuple[int, ...]] = {
 # had given bf16 2 programs per 256-channel slice; with the prefetch it lost at every sparsity,
 # 5.56 -> 4.98 us at 25%, ab_kv_accum_bf16_*.json), and gate|up takes 1024-column tiles with 2
 # programs per 456-channel slice (sweep 16: 18.29 -> 18.00 us bf16, 18.31 -> 17.83 fp16 at 50%).
+# Sweep 18 (gemv_tune_v18.json): gate|up on 2048-column tiles of 8 warps, one program per SM (126),
+# 17.86 -> 17.36 us fp16 and 17.79 -> 17.24 bf16 at 50%, 31.50 -> 30.94 fp16 at s = 0.
 ACCUM: dict[tuple[int, int], tuple[int, ...]] = {
     (6144, 4096): (1024, 8, 4, 0, 0, 192, 1, 1, 0, 0, 0, 0, 2),  # qkv_fused
     (4096, 4096): (512, 8, 2, 0, 0, 64, 1, 1, 0, 0, 0, 0),  # q|o
     (1024, 4096): (128, 32, 4, 0, 0, 128, 1, 1, 0, 0, 0, 0),  # k|v
     (28672, 4096): (1024, 8, 4, 0, 0, 296, 2, 1, 0, 0, 0, 1),  # gate_up_fused
-    (14336, 4096): (1024, 8, 4, 0, 0, 456, 1, 1, 0, 0, 0, 0, 2),  # gate|up
+    (14336, 4096): (2048, 8, 8, 0, 0, 456, 1, 1, 0, 0, 0, 0, 2),  # gate|up
     (4096, 14336): (1024, 8, 4, 0, 0, 224, 1, 1, 0, 0, 0, 0),  # down
 }
 
