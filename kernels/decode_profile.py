@@ -24,6 +24,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
+def repeat_name(seen, name: str) -> str:
+    """A variant run again in the same process (an A/B's baseline before and after) keeps both
+    runs: the second under "name (2)", and so on."""
+    n, out = 1, name
+    while out in seen:
+        n += 1
+        out = f"{name} ({n})"
+    return out
+
+
 def kind_of(name: str) -> str:
     n = name.lower()
     if n.startswith("triton_"):  # inductor's kernels (their names list the fused ops, sparse_gemv too)
@@ -263,7 +273,8 @@ def main():
         med = statistics.median(tok_s)
         rec = {"tok_s": med, "tok_s_runs": tok_s, "step_us": 1e6 / med, "wall_s": t_compile_run, **prof,
                "gap_us_per_step": 1e6 / med - prof["kernel_us_per_step"], "mode": mode}
-        res["variants"][key + ("" if mode == "reduce-overhead" else f":{mode}")] = rec
+        name = key + ("" if mode == "reduce-overhead" else f":{mode}")
+        res["variants"][repeat_name(res["variants"], name)] = rec
         save()
         kinds = " ".join(f"{k}={v:.0f}" for k, v in prof["us_per_step_by_kind"].items())
         print(f"{key} [{mode}]: {med:.1f} tok/s, step {1e6 / med:.0f} us, kernels {prof['kernel_us_per_step']:.0f} us "

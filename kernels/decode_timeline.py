@@ -114,7 +114,8 @@ def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
 def main():
     import torch._inductor.config as ic
 
-    from decode_profile import GEMV_SWITCHES, set_accum_configs, set_gemv_switches  # the same variant options
+    from decode_profile import (GEMV_SWITCHES, repeat_name, set_accum_configs,  # the same variant options
+                                set_gemv_switches)
 
     from teal_nb import decode_attention
     from teal_nb.decode import Decoder
@@ -204,7 +205,7 @@ def main():
                    programs=[n for _, n, _ in tables.launches],
                    layer_us_replays=[r["by_projection"]["layer"] for r in replays],
                    wall_s=time.perf_counter() - t_start)
-        res["variants"][key] = rec
+        res["variants"][repeat_name(res["variants"], key)] = rec
         write_json(a.out, res)
         print(f"{key}: {len(tables.launches)} launches, {rec['by_projection']['layer']:.2f} us per layer "
               f"[{rec['wall_s']:.0f} s]", flush=True)

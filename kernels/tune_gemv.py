@@ -168,9 +168,12 @@ SWEEP17 = {
 }
 
 
-# Sweep 18 (sparse_gemv_into, gate|up, --dtypes fp16 bf16 --sparsities 0 0.25 0.5): what sweeps
-# 16-17 left out around the winner: 2048-column tiles of 4 or 8 rows (128 and 170 registers, ptxas
-# sm_90a), 8 warps per 1024-column tile (118), and a 4-row tile.
+# Sweep 18 (sparse_gemv_into, --sparsities 0 0.25 0.5; gemv_tune_v18.json, git 12e4ead): what
+# sweeps 16-17 left out around gate|up's winner: 2048-column tiles of 4 or 8 rows (128 and 170
+# registers, ptxas sm_90a), 8 warps per 1024-column tile (118), and a 4-row tile. 2048 x 8 on 8
+# warps won (17.86 -> 17.36 us fp16 at 50%) and is gate|up's config; for the decoder's shapes
+# (gemv_tune_v18_decode.json, git 6c425c3, bf16) it gained ~1-2% alone at 50% (fused gate/up lost
+# 1% at s = 0) and nothing measurable in the step (kernels/README.md, item 34).
 SWEEP18 = {
     "gate|up": [(1024, 8, 4, 456, 1, 0, 0, 2), (2048, 4, 4, 456, 1, 0, 0, 4), (2048, 4, 4, 456, 1, 0, 0, 2),
                 (2048, 8, 8, 456, 1, 0, 0, 4), (2048, 8, 8, 456, 1, 0, 0, 2), (1024, 8, 8, 456, 1, 0, 0, 2),

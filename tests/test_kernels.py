@@ -808,3 +808,7 @@ def test_decode_variant_switches():
     for bad, match in (("cfg=28672x4096=1024,8", "f1/f2"), ("cfg=1x2=1/2", "not a shape")):
         with pytest.raises(ValueError, match=match):
             mod.set_accum_configs(t, [bad], dict(table))
+    # A variant run twice in one process (an A/B's baseline before and after) keeps both runs.
+    seen = {"triton50:fused": 1, "triton50:fused (2)": 2}
+    assert mod.repeat_name(seen, "triton50:fused") == "triton50:fused (3)"
+    assert mod.repeat_name(seen, "triton0:fused") == "triton0:fused"

@@ -6,9 +6,9 @@ compacting one, each program owning SLICE input channels. Four tables, all measu
 NVIDIA H200 with `kernels/tune_gemv.py` (for each shape the config with the lowest weighted sum
 over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5) of time / best time): TABLE for
 `sparse_gemv` in bf16 (sweep 9, kernels/results/h200/gemv_tune.json), FP16 for it in fp16
-(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweeps 10, 13, 14 and 16:
+(sweep 8), ACCUM for `sparse_gemv_into` in both dtypes (sweeps 10, 13, 14, 16 and 18:
 gemv_tune_v10_accum.json, gemv_tune_v13_bf16_accum.json, gemv_tune_v14_share.json,
-gemv_tune_v16.json).
+gemv_tune_v16.json, gemv_tune_v18.json).
 The embedded model's configs come from an earlier sweep (gemv_tune_v3.json).
 kernels/results/h200/gemv.json was measured with exactly these tables. Shapes not in them get
 `default_config`, a size rule read off the same sweeps.
