@@ -58,7 +58,7 @@ PDL = True
 # wait, so the request waits for one load more). False: each program requests its whole block of
 # rows at entry, as the first version did; at a short context most of those rows lie past the
 # position, read from HBM while qkv's projection streams its weights (Llama-3-8B at position 100:
-# 0.6 of 1 MB per layer with a 256-row cache, 3.6 of 4 MB with 1024 rows). On the H200: +0.2% tok/s
+# 0.6 of 1 MB per layer with a 256-row cache, 3.8 of 4.2 MB with 1024 rows). On the H200: +0.2% tok/s
 # at 50% with 256 rows, +0.5% with 1024 (decode_profile_kvpos*.json).
 KV_UP_TO_POS = True
 # kernels/decode_timeline.py: called by every launch of the split kernel in
@@ -218,12 +218,12 @@ if HAVE_TRITON:
                                        stamp_ptr=None, STAMPS: tl.constexpr = False):
         """Flash-decoding: program (j, c) attends query head j to cache rows c*BLOCK_S ..
         (c+1)*BLOCK_S - 1 (requested at once before the wait; UP_TO_POS: only those below the
-        position, KV_UP_TO_POS), chunk 0 also to the
-        new position; each active chunk stores (weighted values, max, sum) at part[j, c] and, with
-        COMBINE, the last one to arrive on head j's counter combines them into y. One block of
-        latency whatever the position. Without COMBINE the partials are the output (an inactive
-        chunk stores an empty one: m = -inf, l = 0) and the next kernel combines them as it reads
-        them (sparse_gemv_into(partials=True), o_proj's): no arrival, no combining tail.
+        position, KV_UP_TO_POS), chunk 0 also to the new position; each active chunk stores
+        (weighted values, max, sum) at part[j, c] and, with COMBINE, the last one to arrive on
+        head j's counter combines them into y. One block of latency whatever the position.
+        Without COMBINE the partials are the output (an inactive chunk stores an empty one: m =
+        -inf, l = 0) and the next kernel combines them as it reads them
+        (sparse_gemv_into(partials=True), o_proj's): no arrival, no combining tail.
         STAMPS (kernels/decode_timeline.py): the GPU's timer at entry, after the wait, with the new
         row's q, k, v loaded, with the partial computed and at the end (gemv._stamp's slots 0-4; a
         split past the position leaves slots 2-3 unwritten)."""
