@@ -24,6 +24,23 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
+def set_attention_switches(da, opt, head_dim: int, s_max: int, max_partials: int) -> None:
+    """Set teal_nb.decode_attention's launch-time switches for a variant's options, each from its
+    default unless an option says otherwise: "attn=32x4" (the split kernel's BLOCK_S x warps;
+    default 64 x 4), "nopdl" (no PDL), "kvall" (each program requests its whole block of cached
+    rows, KV_UP_TO_POS off), "nopartials" (attention combines its splits itself instead of o's
+    kernel), "stampkv" (decode_timeline: its q, k, v stamp waits for the cached rows too). Also
+    used by decode_timeline.py."""
+    attn_cfg = [tuple(map(int, o[5:].split("x"))) + (1,) for o in opt if o.startswith("attn=")]
+    da.CONFIGS.pop((head_dim, s_max), None)
+    if attn_cfg:
+        da.CONFIGS[(head_dim, s_max)] = attn_cfg[0]
+    da.PDL = "nopdl" not in opt
+    da.KV_UP_TO_POS = "kvall" not in opt
+    da.MAX_PARTIAL_SPLITS = 0 if "nopartials" in opt else max_partials
+    da.STAMP_KV = "stampkv" in opt
+
+
 def repeat_name(seen, name: str) -> str:
     """A variant run again in the same process (an A/B's baseline before and after) keeps both
     runs: the second under "name (2)", and so on."""
@@ -222,24 +239,14 @@ def main():
     max_partials = decode_attention.MAX_PARTIAL_SPLITS
 
     def run_variant(key, mode="reduce-overhead"):
-        # opt "nopdl": the attention kernel without PDL; "nopartials": attention combines its
-        # splits itself (decode_attention) instead of o's kernel (decode_attention_partials);
-        # "attn=32x4": the split attention kernel's BLOCK_S x warps (decode_attention_partials'
-        # default: 64 x 4); "kvall": its programs request their whole block of cached rows, past
-        # the position too (KV_UP_TO_POS off); the sparse GEMV's switches and configs:
-        # set_gemv_switches, set_accum_configs.
+        # The attention's options: set_attention_switches; the sparse GEMV's switches and
+        # configs: set_gemv_switches, set_accum_configs.
         backend, attn, *opt = key.split(":")
         set_gemv_switches(gemv, opt, gemv_defaults)
         set_accum_configs(tuning, opt, accum_defaults)
-        attn_cfg = [tuple(map(int, o[5:].split("x"))) + (1,) for o in opt if o.startswith("attn=")]
-        decode_attention.CONFIGS.pop((cfg.head_dim, dec.max_seq_len), None)
-        if attn_cfg:
-            decode_attention.CONFIGS[(cfg.head_dim, dec.max_seq_len)] = attn_cfg[0]
+        set_attention_switches(decode_attention, opt, cfg.head_dim, dec.max_seq_len, max_partials)
         t0 = time.perf_counter()
         dec.attention = attn
-        decode_attention.PDL = "nopdl" not in opt
-        decode_attention.KV_UP_TO_POS = "kvall" not in opt
-        decode_attention.MAX_PARTIAL_SPLITS = 0 if "nopartials" in opt else max_partials
         torch._dynamo.reset()  # a fresh capture: the flag is read at capture, and dynamo would reuse the last
         if backend == "dense":
             dec.set_sparsity(None, backend="dense")

@@ -17,8 +17,10 @@ Per projection, averaged over the layers (`by_projection`): how early its progra
 before the launch before ends, the gap from that end to its first program's wait ending, the
 chain to the kept list, the streaming, the tail (for the attention kernel: the chain to the new
 row's q, k, v loaded, the "streaming" to its partial computed). Variants (`--variants`) set
-gemv's switches as decode_profile.py's options do, e.g. `triton50:pf=plain+glu+partials+norm`
-(the prefetch in the NORM launches too, which lost 2% of the step: kernels/README.md item 26).
+gemv's and the attention's switches as decode_profile.py's options do, e.g.
+`triton50:pf=plain+glu+partials+norm` (the prefetch in the NORM launches too, which lost 2% of
+the step: kernels/README.md item 26), `triton50:attn=32x4`, or `triton50:stampkv` (the
+attention's "q, k, v loaded" stamp waits for its cached rows too: when its inputs are all in).
 First run: kernels/README.md item 29 (the GEMV launches only).
 """
 import argparse
@@ -115,7 +117,7 @@ def main():
     import torch._inductor.config as ic
 
     from decode_profile import (GEMV_SWITCHES, repeat_name, set_accum_configs,  # the same variant options
-                                set_gemv_switches)
+                                set_attention_switches, set_gemv_switches)
 
     from teal_nb import decode_attention
     from teal_nb.decode import Decoder
@@ -153,6 +155,7 @@ def main():
     thr = {}
     gemv_defaults = {name: getattr(gemv, name) for name in GEMV_SWITCHES}  # before any variant sets them
     accum_defaults = dict(tuning.ACCUM)
+    max_partials = decode_attention.MAX_PARTIAL_SPLITS
 
     def run(key):
         """One variant: set gemv's switches, compile the step, capture it with every launch
@@ -165,6 +168,7 @@ def main():
         s = int(backend[len("triton"):]) / 100
         set_gemv_switches(gemv, opt, gemv_defaults)
         set_accum_configs(tuning, opt, accum_defaults)
+        set_attention_switches(decode_attention, opt, dec.cfg.head_dim, dec.max_seq_len, max_partials)
         if s > 0 and s not in thr:
             thr[s] = calibrate_decode(dec, prompt, a.new_tokens, s, iters=0, forced=forced)
         dec.attention = "fused"

@@ -61,6 +61,9 @@ PDL = True
 # 0.6 of 1 MB per layer with a 256-row cache, 3.8 of 4.2 MB with 1024 rows). On the H200: +0.2% tok/s
 # at 50% with 256 rows, +0.5% with 1024 (decode_profile_kvpos*.json).
 KV_UP_TO_POS = True
+# kernels/decode_timeline.py's "stampkv": the stamp "q, k, v loaded" waits for the program's cached
+# K and V rows as well (a sum over them), so that it marks when all of its inputs have arrived.
+STAMP_KV = False
 # kernels/decode_timeline.py: called by every launch of the split kernel in
 # decode_attention_partials as STAMP_HOOK(programs, {"kind": "attention"}) -> an int64
 # [programs, 12] table its programs write their timeline into (GPU only), or None.
@@ -215,7 +218,8 @@ if HAVE_TRITON:
                                        Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, G: tl.constexpr,
                                        D: tl.constexpr, BLOCK_S: tl.constexpr, N_SPLIT: tl.constexpr,
                                        PDL: tl.constexpr, COMBINE: tl.constexpr, UP_TO_POS: tl.constexpr = True,
-                                       stamp_ptr=None, STAMPS: tl.constexpr = False):
+                                       stamp_ptr=None, STAMPS: tl.constexpr = False,
+                                       STAMP_KV: tl.constexpr = False):
         """Flash-decoding: program (j, c) attends query head j to cache rows c*BLOCK_S ..
         (c+1)*BLOCK_S - 1 (requested at once before the wait; UP_TO_POS: only those below the
         position, KV_UP_TO_POS), chunk 0 also to the new position; each active chunk stores
@@ -225,8 +229,8 @@ if HAVE_TRITON:
         -inf, l = 0) and the next kernel combines them as it reads them
         (sparse_gemv_into(partials=True), o_proj's): no arrival, no combining tail.
         STAMPS (kernels/decode_timeline.py): the GPU's timer at entry, after the wait, with the new
-        row's q, k, v loaded, with the partial computed and at the end (gemv._stamp's slots 0-4; a
-        split past the position leaves slots 2-3 unwritten)."""
+        row's q, k, v loaded (STAMP_KV: and the cached rows), with the partial computed and at
+        the end (gemv._stamp's slots 0-4; a split past the position leaves slots 2-3 unwritten)."""
         j = tl.program_id(0)
         c = tl.program_id(1)
         _stamp(stamp_ptr, 0, j, STAMPS)
@@ -249,7 +253,10 @@ if HAVE_TRITON:
         pb = part_ptr + (j * N_SPLIT + c) * (D + 2)
         if c < n_active:
             q, k, v = _new_row(qkv_ptr, cos, sin, j, h, d, Q_SIZE, KV_SIZE, D, dt)
-            _stamp(stamp_ptr, 2, tl.sum(q, axis=0) + tl.sum(v.to(tl.float32), axis=0), STAMPS)
+            loaded = tl.sum(q, axis=0) + tl.sum(v.to(tl.float32), axis=0)
+            if STAMPS and STAMP_KV:
+                loaded += tl.sum(tl.sum(kt.to(tl.float32) + vt.to(tl.float32), axis=1), axis=0)
+            _stamp(stamp_ptr, 2, loaded, STAMPS)
             if (j % G == 0) & (c == 0):
                 tl.store(kc_ptr + h * stride_kh + pos * stride_ks + d, k)
                 tl.store(vc_ptr + h * stride_vh + pos * stride_vs + d, v)
@@ -283,7 +290,7 @@ if HAVE_TRITON:
 # A third entry 1 selects the split (flash-decoding) kernel: one program per (head, BLOCK_S rows).
 # After its wait a split program is a chain of dependent steps, not a stream: on the H200 at 64 x 4
 # it spends ~4000 cycles (2 us) from the new row loaded to its partial (decode_timeline_cycles.json),
-# for ~1000 instructions and 8 barriers (reductions across warps). On one or two warps they stay
+# for ~1000 instructions and 15 barriers (reductions across warps). On one or two warps they stay
 # within a warp (16 x 1 has no barrier), but in the decode step those lost: 393.1 tok/s at 50% with
 # 64 x 4, 392.2 with 32 x 2, 390.8 with 16 x 2, 389.8 with 16 x 1 (decode_profile_attn_warps.json),
 # so they are not candidates: the bench chooses by the kernel's time alone.
@@ -436,7 +443,7 @@ def decode_attention_partials(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), scale,
         Q_SIZE=n_heads * d, KV_SIZE=hkv * d, G=n_heads // hkv, D=d, BLOCK_S=block_s, N_SPLIT=n_split,
         COMBINE=False, UP_TO_POS=KV_UP_TO_POS, stamp_ptr=part if stamps is None else stamps,
-        STAMPS=stamps is not None,
+        STAMPS=stamps is not None, STAMP_KV=STAMP_KV,
         **_launch_options(qkv, warps))
     return part
 

@@ -812,3 +812,11 @@ def test_decode_variant_switches():
     seen = {"triton50:fused": 1, "triton50:fused (2)": 2}
     assert mod.repeat_name(seen, "triton50:fused") == "triton50:fused (3)"
     assert mod.repeat_name(seen, "triton0:fused") == "triton0:fused"
+    # The attention's switches (decode_attention), each back to its default for the next variant.
+    da = SimpleNamespace(CONFIGS={(128, 256): (32, 4, 1), (64, 99): (16, 4, 1)})
+    mod.set_attention_switches(da, ["fused", "attn=16x2", "nopdl", "kvall", "nopartials", "stampkv"], 128, 256, 16)
+    assert da.CONFIGS == {(128, 256): (16, 2, 1), (64, 99): (16, 4, 1)}
+    assert (da.PDL, da.KV_UP_TO_POS, da.MAX_PARTIAL_SPLITS, da.STAMP_KV) == (False, False, 0, True)
+    mod.set_attention_switches(da, ["fused"], 128, 256, 16)
+    assert da.CONFIGS == {(64, 99): (16, 4, 1)}
+    assert (da.PDL, da.KV_UP_TO_POS, da.MAX_PARTIAL_SPLITS, da.STAMP_KV) == (True, True, 16, False)
