@@ -59,7 +59,9 @@ class StampTables:
 
 def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
     """One launch's [programs, 12] table (globaltimer ns at slots 0, 2, 4, 6, 8: entry, waited,
-    listed, streamed, ended) in us from t0 (ns). A slot a program did not reach is 0 and left
+    listed, streamed, ended) in us from t0 (ns); entry_first, the first program's entry, tells a
+    launch that PDL started early (some programs in) from one held back until the launch before
+    frees its SMs (all in late). A slot a program did not reach is 0 and left
     out (the attention kernel's splits past the position have no q, k, v to load); the median end
     is over the programs that streamed."""
     slots = stamps[:, 0:10:2]
@@ -79,14 +81,16 @@ def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
         both = (slots[:, i] != 0) & (slots[:, i + 1] != 0)
         diff = (clocks[both, i + 1] - clocks[both, i]).double()
         cycles.append(float(diff.quantile(0.5)) if diff.numel() else None)
-    return dict(entry_med=med[0], waited_first=float(cols[1].min()), waited_last=float(cols[1].max()),
+    return dict(entry_first=float(cols[0].min()), entry_med=med[0], waited_first=float(cols[1].min()),
+                waited_last=float(cols[1].max()),
                 listed_med=med[2], streamed_med=med[3], ended_med=med[4], ended_last=float(cols[4].max()),
                 cycles_med=cycles)
 
 
 def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
     """Per launch of a layer (launches in `names` order, layer after layer), medians over the
-    layers: entry_early (the launch before's last end minus this one's median entry), gap (this
+    layers: entry_early (the launch before's last end minus this one's median entry; first_early,
+    minus its first program's entry), gap (this
     one's first wait end minus the launch before's last end; before o the attention kernel runs
     in it), chain (first wait end to median list stored), stream (list stored to last row
     summed, medians), tail (last end minus median end), span (first wait end to last end); and
@@ -98,6 +102,7 @@ def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
         prev_end = launches[i - 1]["ended_last"] if i else None
         rows[names[i % len(names)]].append(dict(
             entry_early=None if prev_end is None else prev_end - cur["entry_med"],
+            first_early=None if prev_end is None else prev_end - cur.get("entry_first", cur["entry_med"]),
             gap=None if prev_end is None else cur["waited_first"] - prev_end,
             chain=cur["listed_med"] - cur["waited_first"],
             stream=cur["streamed_med"] - cur["listed_med"],

@@ -753,17 +753,17 @@ def test_decode_timeline_tables_and_summaries():
 
     cycles = [3960.0, 1980.0, 13860.0, 1980.0]  # 2, 1, 7 and 1 us from each slot to the next
     s = mod.summarize_launch(launch(0, 2, 3, 10, 11), t0=base + 2000)
-    assert s == dict(entry_med=-1.5, waited_first=0.0, waited_last=1.0, listed_med=1.5, streamed_med=8.5,
-                     ended_med=9.5, ended_last=10.0, cycles_med=cycles)
+    assert s == dict(entry_first=-2.0, entry_med=-1.5, waited_first=0.0, waited_last=1.0, listed_med=1.5,
+                     streamed_med=8.5, ended_med=9.5, ended_last=10.0, cycles_med=cycles)
     # A slot a program did not reach (0: an attention split past the position) is left out.
     st = torch.cat([launch(0, 2, 3, 10, 11), launch(0, 2, 3, 10, 11)[:1]])
     st[2, 4:8] = 0
     st[2, 9] += 10**6  # its end's cycles counted from its wait's would be far off; from slot 3's, it has none
     # (Its early end is not in the median end either: 9.5, the two programs that streamed.)
     st[2, 8] -= 5000
-    assert mod.summarize_launch(st, t0=base + 2000) == dict(entry_med=-2.0, waited_first=0.0, waited_last=1.0,
-                                                            listed_med=1.5, streamed_med=8.5, ended_med=9.5,
-                                                            ended_last=10.0, cycles_med=cycles)
+    assert mod.summarize_launch(st, t0=base + 2000) == dict(entry_first=-2.0, entry_med=-2.0, waited_first=0.0,
+                                                            waited_last=1.0, listed_med=1.5, streamed_med=8.5,
+                                                            ended_med=9.5, ended_last=10.0, cycles_med=cycles)
     # Two layers of four launches, each launch entering 3 us before the last one ends and waiting 1 us past it.
     launches, t = [], 0
     for i in range(8):
@@ -773,6 +773,7 @@ def test_decode_timeline_tables_and_summaries():
     for i, p in enumerate(mod.PROJECTIONS):
         assert bp[p]["chain"] == 1.5 and bp[p]["stream"] == i + 1 and bp[p]["tail"] == 0.5
         assert bp[p]["gap"] == 1.0 and bp[p]["entry_early"] == 2.5  # the first launch has none: from the second layer
+        assert bp[p]["first_early"] == 3.0
         assert bp[p]["cycles"] == [7920.0, 1980.0, 1980.0 * (i + 1), 1980.0]  # 4, 1, i + 1 and 1 us
     assert bp["layer"] == (launches[-1]["ended_last"] - launches[0]["waited_first"]) / 2
     with pytest.raises(ValueError, match="whole number of layers"):
