@@ -151,7 +151,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default="dense:torch,dense:fused,triton50:torch,triton50:fused,triton0:fused",
                     help="comma list of backend:attention[:nopdl][:nopartials][:nopreload][:noprefetch][:pfN]"
-                         "[:pf=kind+kind][:attn=BLOCK_SxWARPS][:cfg=NxK=f1/f2/...] (see run_variant)")
+                         "[:pf=kind+kind][:attn=BLOCK_SxWARPS][:kvall][:cfg=NxK=f1/f2/...] "
+                         "(see set_attention_switches, set_gemv_switches, set_accum_configs)")
     ap.add_argument("--extra", default="", help="comma list: maxautotune (dense fused, mode=max-autotune)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=200)

@@ -61,17 +61,16 @@ def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
     """One launch's [programs, 12] table (globaltimer ns at slots 0, 2, 4, 6, 8: entry, waited,
     listed, streamed, ended) in us from t0 (ns); entry_first, the first program's entry, tells a
     launch that PDL started early (some programs in) from one held back until the launch before
-    frees its SMs (all in late). A slot a program did not reach is 0 and left
-    out (the attention kernel's splits past the position have no q, k, v to load); the median end
-    is over the programs that streamed."""
+    frees its SMs (all in late). A slot a program did not reach is 0 and left out (the attention
+    kernel's splits past the position have no q, k, v to load); the median end is over the
+    programs that streamed."""
     slots = stamps[:, 0:10:2]
     cols = [(slots[:, i][slots[:, i] != 0].double() - t0) / 1e3 for i in range(5)]
-    med = [float(c.quantile(0.5)) for c in cols]  # (interpolated, as gemv_timeline.summarize)
     # The median end of the programs that did the work (reached slot 3): a split past the position
     # ends at once and would pull it early.
     worked = (slots[:, 3] != 0) & (slots[:, 4] != 0)
-    if bool(worked.any()):
-        med[4] = float(((slots[worked, 4].double() - t0) / 1e3).quantile(0.5))
+    ends = (slots[worked, 4].double() - t0) / 1e3 if bool(worked.any()) else cols[4]
+    med = [float(c.quantile(0.5)) for c in cols[:4] + [ends]]  # (interpolated, as gemv_timeline.summarize)
     # The timer ticks in 0.256-1 us steps; each program's cycle counter (slots 1, 3, .., 9, one SM)
     # resolves its own phases: median cycles from each slot to the next, over the programs that
     # reached both.
@@ -82,17 +81,16 @@ def summarize_launch(stamps: torch.Tensor, t0: int) -> dict:
         diff = (clocks[both, i + 1] - clocks[both, i]).double()
         cycles.append(float(diff.quantile(0.5)) if diff.numel() else None)
     return dict(entry_first=float(cols[0].min()), entry_med=med[0], waited_first=float(cols[1].min()),
-                waited_last=float(cols[1].max()),
-                listed_med=med[2], streamed_med=med[3], ended_med=med[4], ended_last=float(cols[4].max()),
-                cycles_med=cycles)
+                waited_last=float(cols[1].max()), listed_med=med[2], streamed_med=med[3], ended_med=med[4],
+                ended_last=float(cols[4].max()), cycles_med=cycles)
 
 
 def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
     """Per launch of a layer (launches in `names` order, layer after layer), medians over the
     layers: entry_early (the launch before's last end minus this one's median entry; first_early,
     minus its first program's entry), gap (this
-    one's first wait end minus the launch before's last end; before o the attention kernel runs
-    in it), chain (first wait end to median list stored), stream (list stored to last row
+    one's first wait end minus the launch before's last end; without the attention stamped, the
+    attention kernel runs in o's gap), chain (first wait end to median list stored), stream (list stored to last row
     summed, medians), tail (last end minus median end), span (first wait end to last end); and
     cycles, the four phases from entry to end (summarize_launch's cycles_med) in SM cycles."""
     if len(launches) % len(names):
@@ -102,7 +100,7 @@ def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
         prev_end = launches[i - 1]["ended_last"] if i else None
         rows[names[i % len(names)]].append(dict(
             entry_early=None if prev_end is None else prev_end - cur["entry_med"],
-            first_early=None if prev_end is None else prev_end - cur.get("entry_first", cur["entry_med"]),
+            first_early=None if prev_end is None else prev_end - cur["entry_first"],
             gap=None if prev_end is None else cur["waited_first"] - prev_end,
             chain=cur["listed_med"] - cur["waited_first"],
             stream=cur["streamed_med"] - cur["listed_med"],
@@ -111,7 +109,7 @@ def by_projection(launches: list[dict], names: tuple = PROJECTIONS) -> dict:
     out = {}
     for p, rs in rows.items():
         out[p] = {k: statistics.median([r[k] for r in rs if r[k] is not None]) for k in rs[-1]}
-        phases = [launch.get("cycles_med") or [None] * 4 for launch in launches[names.index(p)::len(names)]]
+        phases = [launch["cycles_med"] for launch in launches[names.index(p)::len(names)]]
         out[p]["cycles"] = [statistics.median(c) if (c := [ph[i] for ph in phases if ph[i] is not None]) else None
                             for i in range(4)]
     out["layer"] = (launches[-1]["ended_last"] - launches[0]["waited_first"]) / (len(launches) // len(names))
@@ -229,8 +227,10 @@ def main():
             res.setdefault("errors", []).append(f"{key}: {type(e).__name__}: {e}")
             write_json(a.out, res)
 
-    print("\nper launch of a layer, median over layers, us: entry_early / gap / chain / stream / tail / span"
-          + ("\n(attention: chain = wait end to q, k, v loaded; stream = to the partial computed)" if a.attention else ""))
+    print("\nper launch of a layer, median over layers, us: entry_early / first_early / gap / chain / stream / "
+          "tail / span")
+    if a.attention:
+        print("(attention: chain = wait end to q, k, v loaded; stream = to the partial computed)")
     for key, rec in res["variants"].items():
         bp = rec["by_projection"]
         print(f"{key}: {bp['layer']:.2f} us per layer")

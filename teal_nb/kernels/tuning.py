@@ -2,7 +2,7 @@
 
 A config is a `gemv.Config` (BLOCK_N, BLOCK_K, num_warps, PROGS_PER_SM, REDUCE, SLICE[, DEPTH,
 PDL, SCAN, PRODUCER, MAXNREG, SUM_ROWS, SHARE]); SLICE = 0 selects the masked kernel, SLICE > 0 the
-compacting one, each program owning SLICE input channels. Four tables, all measured on one
+compacting one, each program owning SLICE input channels. Three tables, all measured on one
 NVIDIA H200 with `kernels/tune_gemv.py` (for each shape the config with the lowest weighted sum
 over sparsities 0, 0.5 (weight 2) and 0.8 (weight 0.5) of time / best time): TABLE for
 `sparse_gemv` in bf16 (sweep 9, kernels/results/h200/gemv_tune.json), FP16 for it in fp16
